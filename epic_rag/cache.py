@@ -1,0 +1,62 @@
+"""The linked KV buffer: full-length per-layer K/V written by position.
+
+Linked chunks fill their slots, recomputed tokens overwrite theirs at every layer
+before attention, and decoding appends. The decoder layers of the HF model call
+`update` with the fresh K/V of the tokens being run (the same duck-typed contract as
+transformers' `Cache.update`), and attend over everything written so far.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kv import ChunkKV, rotate_keys_into
+
+
+class PositionalKVCache:
+    """K/V for positions 0..capacity-1 of one sequence, all layers in one tensor."""
+
+    def __init__(
+        self, n_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device="cpu"
+    ) -> None:
+        shape = (n_layers, 1, kv_heads, capacity, head_dim)
+        # keys/values: [layers, batch=1, kv_heads, capacity, head_dim]
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0  # positions < length are visible to attention
+        self._write: torch.Tensor | slice = slice(0, 0)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def link(self, chunk: ChunkKV, offset: int, inv_freq: torch.Tensor) -> None:
+        """Place a cached chunk at global positions offset..offset+n-1, keys re-rotated."""
+        n = len(chunk)
+        if offset + n > self.capacity:
+            raise ValueError(f"chunk of {n} tokens at {offset} overflows a cache of {self.capacity}")
+        rotate_keys_into(self.keys[:, 0, :, offset : offset + n], chunk.keys, inv_freq, offset)
+        self.values[:, 0, :, offset : offset + n].copy_(chunk.values)
+
+    def begin(self, positions: torch.Tensor, length: int) -> None:
+        """Announce the positions the next forward writes and how far attention may look."""
+        if length > self.capacity:
+            raise ValueError(f"sequence of {length} tokens exceeds the cache capacity {self.capacity}")
+        first, last = int(positions[0]), int(positions[-1])
+        contiguous = last - first + 1 == positions.numel()
+        self._write = slice(first, last + 1) if contiguous else positions
+        self.length = length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_: object):
+        """Scatter fresh K/V ([1, kv_heads, S, head_dim]) and return this layer's visible K/V."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:, :, self._write] = key_states
+        values[:, :, self._write] = value_states
+        return keys[:, :, : self.length], values[:, :, : self.length]
+
+    def export(self, token_ids: torch.Tensor, start: int = 0) -> ChunkKV:
+        """Copy the K/V of `token_ids`, written at start.., out as a standalone ChunkKV."""
+        end = start + token_ids.numel()
+        return ChunkKV(
+            token_ids.clone(), self.keys[:, 0, :, start:end].clone(), self.values[:, 0, :, start:end].clone()
+        )

@@ -1,0 +1,162 @@
+"""Load a causal LM and decide whether its positions can be re-rotated exactly.
+
+epic-rag moves cached keys to new positions with one extra RoPE rotation. That is
+exact only when every layer applies full rotary embeddings, with position-independent
+inverse frequencies, through the model's own rotary module. This module checks that
+at load time and refuses anything else with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .offline import OFFLINE_MODELS, ensure_converted_gguf, offline_model_folder
+
+# model_type -> family name; each has model.model.{embed_tokens, layers, norm, rotary_emb}.
+SUPPORTED_MODEL_TYPES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+# Rope types whose inverse frequencies do not depend on the sequence length; a pure
+# rotation by the offset moves a key exactly (YaRN's attention factor is applied once,
+# at encoding time, and never by the re-rotation).
+EXACT_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be served with position-independent caching (and why)."""
+
+
+@dataclass(frozen=True)
+class RotaryFacts:
+    """What the re-rotation needs: the model's own inverse frequencies."""
+
+    inv_freq: torch.Tensor  # [head_dim // 2], float32, as the model uses them
+    rope_type: str
+
+
+def _rope_parameters(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or {}
+    if not isinstance(params, dict):
+        params = dict(params)
+    return params
+
+
+def check_supported(config) -> None:
+    """Raise `UnsupportedModelError` naming the architecture and the reason, or return."""
+    model_type = getattr(config, "model_type", "?")
+    arch = ", ".join(getattr(config, "architectures", None) or []) or model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type in {"gpt2", "gpt_neo", "opt", "bloom", "bert", "gpt_bigcode"}:
+            why = "it uses absolute or ALiBi positions, not rotary embeddings, so cached keys cannot be moved"
+        else:
+            why = "its attention is not one epic-rag has verified to use full rotary embeddings"
+        raise UnsupportedModelError(
+            f"unsupported architecture {arch} (model_type={model_type!r}): {why}. "
+            f"Supported families: {', '.join(SUPPORTED_MODEL_TYPES.values())}."
+        )
+    params = _rope_parameters(config)
+    if "rope_type" not in params and params and all(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedModelError(
+            f"unsupported architecture {arch}: it uses different rotary settings per layer type, "
+            "which one re-rotation cannot serve"
+        )
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        raise UnsupportedModelError(
+            f"unsupported architecture {arch}: partial rotary embeddings (factor {partial}) leave part of "
+            "each key position-free; epic-rag needs full rotary embeddings"
+        )
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in EXACT_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {arch}: rope type {rope_type!r} changes its frequencies with the "
+            f"sequence length, so a cached key cannot be rotated exactly. Exact types: {sorted(EXACT_ROPE_TYPES)}"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    sliding = any(t != "full_attention" for t in layer_types) or (
+        window is not None and max_pos is not None and window < max_pos
+    )
+    if sliding:
+        raise UnsupportedModelError(
+            f"unsupported architecture {arch}: sliding-window attention layers (window {window}) see only "
+            "part of the linked context. If the checkpoint does not really use a window, set "
+            "config.sliding_window = None"
+        )
+
+
+def rotary_facts(model) -> RotaryFacts:
+    """Inverse frequencies of the loaded model, checked against its head size."""
+    config = model.config
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().float().cpu()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if inv_freq.numel() * 2 != head_dim:
+        raise UnsupportedModelError(
+            f"unsupported model: rotary embeddings cover {inv_freq.numel() * 2} of {head_dim} head dimensions"
+        )
+    return RotaryFacts(inv_freq=inv_freq, rope_type=_rope_parameters(config).get("rope_type", "default"))
+
+
+def fingerprint(model) -> str:
+    """A hash of the config, the dtype and the weights: scopes cache entries to a model.
+
+    Every tensor contributes its name, shape, a float64 sum and a strided sample of
+    its values, so a different checkpoint or dtype gives a different fingerprint
+    without hashing gigabytes at every load.
+    """
+    digest = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
+    config.pop("transformers_version", None)
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            digest.update(repr(float(flat.double().sum())).encode())
+            digest.update(flat[::step].float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def resolve_model_folder(spec: str | Path) -> str:
+    """Turn a built-in name, a .gguf file, a folder or a hub id into something `from_pretrained` takes."""
+    text = str(spec)
+    if text in OFFLINE_MODELS:
+        return str(offline_model_folder(text))
+    path = Path(text).expanduser()
+    if text.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(ensure_converted_gguf([path]))
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+        return str(path)
+    return text  # a hub id: transformers resolves it (and fails clearly when offline)
+
+
+def load_model(
+    spec: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+):
+    """Load (model, tokenizer) from a built-in name, .gguf, folder or hub id; refuse what we cannot serve."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_folder(spec)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    check_supported(config)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
+    )
+    return model.to(device).eval(), tokenizer
