@@ -1,0 +1,1 @@
+"""Framework integrations of epic-rag (importable as ``epic_rag.integrations``)."""
