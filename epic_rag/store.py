@@ -197,26 +197,27 @@ class KVStore:
         except FileNotFoundError:
             return None
         self._stats.disk_reads += 1
-        entry = self._parse(blob, key, model_fingerprint)
-        if entry is None:
-            self._stats.corrupted += 1
+        entry, fingerprint = _parse(blob)
+        if entry is None or entry_key(fingerprint, entry.token_ids) != key:
+            self._stats.corrupted += 1  # damaged, or not the entry its name says: recompute it
             path.unlink(missing_ok=True)
+            return None
+        if fingerprint != model_fingerprint:
+            return None  # a sound entry of another model: a miss, left in place
         return entry
 
-    @staticmethod
-    def _parse(blob: bytes, key: str, model_fingerprint: str) -> ChunkKV | None:
-        """Decode and validate one file; None when it is damaged or not what `key` names."""
-        try:
-            tensors = st_load(blob)
-            metadata = _metadata(blob)
-            entry = ChunkKV(tensors["token_ids"], tensors["keys"], tensors["values"])
-        except (SafetensorError, ValueError, KeyError, RuntimeError):
-            return None
-        if metadata.get("format") != FORMAT_VERSION or metadata.get("sha256") != _checksum(entry):
-            return None
-        if metadata.get("fingerprint") != model_fingerprint or entry_key(model_fingerprint, entry.token_ids) != key:
-            return None
-        return entry
+
+def _parse(blob: bytes) -> tuple[ChunkKV | None, str]:
+    """(entry, fingerprint) of one file; entry is None when the file is damaged."""
+    try:
+        tensors = st_load(blob)
+        metadata = _metadata(blob)
+        entry = ChunkKV(tensors["token_ids"], tensors["keys"], tensors["values"])
+    except (SafetensorError, ValueError, KeyError, RuntimeError, struct.error):
+        return None, ""
+    if metadata.get("format") != FORMAT_VERSION or metadata.get("sha256") != _checksum(entry):
+        return None, ""
+    return entry, metadata.get("fingerprint", "")
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

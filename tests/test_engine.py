@@ -1,0 +1,100 @@
+"""Generation, streaming, chunk ids and input errors (tiny random models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epic_rag import AttnLink, FullRecompute, KVStore, UnknownChunkError
+from epic_rag.policies import FullReuse
+
+from .conftest import tiny_engine
+
+CHUNKS = ["Chunk about apples and pears.", "Chunk about trains.", "Chunk about the sea."]
+
+
+def test_greedy_is_deterministic_and_matches_full_prefill_logits():
+    engine = tiny_engine()
+    a = engine.generate("what?", CHUNKS, policy=FullRecompute(), max_new_tokens=6)
+    b = engine.generate("what?", CHUNKS, policy=FullRecompute(), max_new_tokens=6)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 6 and a.finish_reason == "length"
+    layout = engine.layout("what?", CHUNKS)
+    with torch.no_grad():
+        first = int(engine.model(input_ids=layout.ids[None]).logits[0, -1].argmax())
+    assert a.token_ids[0] == first
+
+
+def test_decoding_matches_hf_greedy_continuation():
+    engine = tiny_engine()
+    layout = engine.layout("what?", CHUNKS)
+    ours = engine.generate_layout(layout, FullRecompute(), max_new_tokens=8).token_ids
+    with torch.no_grad():
+        ids = layout.ids[None]
+        for _ in range(8):
+            ids = torch.cat([ids, engine.model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    expected = ids[0, layout.length :].tolist()
+    assert ours == expected[: len(ours)]
+
+
+def test_sampling_is_seeded():
+    engine = tiny_engine()
+    kw = dict(max_new_tokens=10, temperature=1.5, top_p=0.9)
+    a = engine.generate("q", CHUNKS, seed=3, **kw).token_ids
+    assert a == engine.generate("q", CHUNKS, seed=3, **kw).token_ids
+    others = {tuple(engine.generate("q", CHUNKS, seed=s, **kw).token_ids) for s in range(4, 9)}
+    assert len(others | {tuple(a)}) > 1
+
+
+def test_stream_deltas_join_to_text_and_stop_strings_cut():
+    engine = tiny_engine()
+    full = engine.generate("q", CHUNKS, max_new_tokens=12)
+    stream = engine.stream("q", CHUNKS, max_new_tokens=12)
+    deltas = list(stream)
+    assert "".join(deltas) == stream.result.text == full.text
+    stop = full.text[4:6]
+    cut = engine.generate("q", CHUNKS, max_new_tokens=12, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    assert stop not in "".join(engine.stream("q", CHUNKS, max_new_tokens=12, stop=stop))
+
+
+def test_stats_account_for_every_token():
+    engine = tiny_engine()
+    out = engine.generate("q", CHUNKS, policy=AttnLink(4), max_new_tokens=2)
+    s = out.stats
+    assert s.tokens_total == s.tokens_reused + s.tokens_recomputed
+    assert s.chunks == 3 and s.store_misses == 4  # bos prefix + 3 chunks on first sight
+    assert out.ttft_s >= s.kv_load_s + s.link_s + s.recompute_s
+    again = engine.generate("q", CHUNKS, policy=AttnLink(4), max_new_tokens=2).stats
+    assert again.store_hits == 4 and again.store_misses == 0
+
+
+def test_chunk_ids_from_add_chunks(tmp_path):
+    engine = tiny_engine(store=KVStore(tmp_path))
+    ids = engine.add_chunks(CHUNKS)
+    assert all(i.startswith("kv:") for i in ids)
+    by_id = engine.generate("q", ids[::-1], policy=FullReuse(), max_new_tokens=3)
+    by_text = engine.generate("q", CHUNKS[::-1], policy=FullReuse(), max_new_tokens=3)
+    assert by_id.token_ids == by_text.token_ids and by_id.stats.store_misses == 1  # only the prefix
+    reopened = tiny_engine(store=KVStore(tmp_path))  # a new process: ids resolve through the store
+    assert reopened.generate("q", ids[::-1], policy=FullReuse(), max_new_tokens=3).token_ids == by_id.token_ids
+    with pytest.raises(UnknownChunkError, match="unknown chunk"):
+        engine.generate("q", ["kv:" + "0" * 64], max_new_tokens=1)
+
+
+def test_bad_input_errors():
+    engine = tiny_engine(max_position_embeddings=64)
+    with pytest.raises(ValueError, match="empty chunk"):
+        engine.generate("q", ["fine", "  "])
+    with pytest.raises(ValueError, match="question is empty"):
+        engine.generate("", CHUNKS)
+    with pytest.raises(ValueError, match=r"exceeds the model's context of 64 tokens"):
+        engine.generate("q", CHUNKS, max_new_tokens=16)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate("q", CHUNKS[:1], max_new_tokens=0)
+
+
+def test_no_chat_template_and_no_bos_layout():
+    engine = tiny_engine(bos=False)
+    layout = engine.layout("q", CHUNKS, system="sys")
+    assert [s.kind.value for s in layout.segments] == ["prefix", "chunk", "chunk", "chunk", "question"]
+    assert layout.chunks[0].start == layout.prefix.end

@@ -1,0 +1,54 @@
+"""Load-time refusals, fingerprints and model resolution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from epic_rag import EpicEngine, UnsupportedModelError, check_supported, fingerprint, load_model
+
+from .conftest import CharTokenizer, tiny_config, tiny_model
+
+
+def test_absolute_positions_refused_with_reason():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match=r"gpt2.*absolute"):
+        EpicEngine(model, CharTokenizer())
+
+
+@pytest.mark.parametrize(
+    "family, overrides, reason",
+    [
+        ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "dynamic"),
+        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial rotary"),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 256, "max_window_layers": 0}, "sliding-window"),
+    ],
+)
+def test_unexact_rotary_refused(family, overrides, reason):
+    with pytest.raises(UnsupportedModelError, match=reason):
+        check_supported(tiny_config(family, **overrides))
+
+
+def test_mistral_window_refused_unless_disabled():
+    from transformers import MistralConfig
+
+    with pytest.raises(UnsupportedModelError, match="sliding_window = None"):
+        check_supported(MistralConfig(sliding_window=1024, max_position_embeddings=8192))
+    check_supported(tiny_config("mistral"))
+
+
+def test_fingerprint_tracks_weights_and_dtype():
+    a, b = tiny_model(seed=0), tiny_model(seed=0)
+    assert fingerprint(a) == fingerprint(b)
+    with torch.no_grad():
+        b.model.layers[1].mlp.down_proj.weight[3, 5] += 0.25
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(a) != fingerprint(tiny_model(seed=0).to(torch.bfloat16))
+
+
+def test_missing_sources_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        load_model(tmp_path / "nope.gguf")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
