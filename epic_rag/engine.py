@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .cache import PositionalKVCache
 from .kv import ChunkKV
-from .layout import Kind, PromptLayout, Segment
+from .layout import COMPUTED, PromptLayout, Segment
 from .model import check_supported, fingerprint, load_model, rotary_facts
 from .offline import DEFAULT_MODEL
 from .policies import AttnLink, FullRecompute, RecomputePolicy, parse_policy
@@ -289,10 +289,11 @@ class EpicEngine:
         narrows = policy.check_layer is not None
         linked: list[tuple[Segment, ChunkKV]] = []
         for seg in layout.segments:
-            if seg.kind is Kind.QUESTION or (selected[seg.start : seg.end].all() and not narrows):
+            if seg.kind in COMPUTED or (selected[seg.start : seg.end].all() and not narrows):
                 continue
             t0 = time.perf_counter()
             entry, hit = self._fetch(seg.token_ids, seg.key)
+            entry = _leading_part(entry, seg)
             if hit:
                 stats.store_hits += 1
             else:
@@ -447,6 +448,14 @@ class EpicEngine:
         seed=None, stop=() (strings that end the answer, not included in it).
         """
         return self.generate_layout(self.layout(question, chunks, system), policy, **sampling)
+
+
+def _leading_part(entry: ChunkKV, seg: Segment) -> ChunkKV:
+    """The part of a stored entry that `seg` covers: all of it, or its leading tokens."""
+    n = seg.token_ids.numel()
+    if len(entry) < n or not torch.equal(entry.token_ids[:n], seg.token_ids):
+        raise ValueError(f"the stored entry {seg.key} does not begin with the tokens of its {seg.kind.value} segment")
+    return entry.head(n)
 
 
 def _sampling(kwargs: dict) -> dict:

@@ -36,6 +36,12 @@ class ChunkKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.token_ids, self.keys, self.values))
 
+    def head(self, n: int) -> ChunkKV:
+        """The entry of the first `n` tokens (causal: their K/V do not depend on later tokens)."""
+        if n == len(self):
+            return self
+        return ChunkKV(self.token_ids[:n], self.keys[:, :, :n], self.values[:, :, :n])
+
     def to(self, dtype: torch.dtype) -> ChunkKV:
         """The same entry with K/V in `dtype` (ids stay int64)."""
         if self.keys.dtype == dtype:

@@ -3,7 +3,9 @@
 A RAG prompt is ``[prefix][chunk_1]..[chunk_n][question]``. The prefix is the
 system prompt (plus any chat-template text before the chunks), cached as an exact
 prefix; chunks are cached alone from position 0 and linked; the question segment
-(question plus the template text after it) is always computed.
+(question plus the template text after it) is always computed. Prompts written by a
+framework may also hold plain text between chunks (TEXT segments, always computed),
+and a chunk segment may cover only the leading tokens of its stored entry.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import torch
 class Kind(str, Enum):
     PREFIX = "prefix"
     CHUNK = "chunk"
+    TEXT = "text"  # computed text between chunks
     QUESTION = "question"
+
+
+COMPUTED = (Kind.TEXT, Kind.QUESTION)  # kinds never linked from the store
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,7 @@ class Segment:
     kind: Kind
     start: int  # global position of the first token
     token_ids: torch.Tensor  # [n] int64
-    key: str | None = None  # KV store key of prefix/chunk segments
+    key: str | None = None  # KV store key of prefix/chunk segments (a chunk may use a leading part of it)
 
     @property
     def end(self) -> int:
@@ -49,11 +55,20 @@ class PromptLayout:
         prefix_key: str | None = None,
     ) -> PromptLayout:
         """Place prefix, chunks (ids, store key) and question one after another."""
-        if question.numel() == 0:
-            raise ValueError("the question is empty: there is nothing to answer")
-        segments, start = [], 0
         parts = [(Kind.PREFIX, prefix, prefix_key)] + [(Kind.CHUNK, ids, key) for ids, key in chunks]
-        for kind, ids, key in parts + [(Kind.QUESTION, question, None)]:
+        return cls.from_parts(parts + [(Kind.QUESTION, question, None)])
+
+    @classmethod
+    def from_parts(cls, parts: list[tuple[Kind, torch.Tensor, str | None]]) -> PromptLayout:
+        """Place (kind, ids, store key) parts in order: an optional PREFIX first, CHUNK and
+        TEXT parts in any order, and a non-empty QUESTION last. Empty prefix/text parts are dropped."""
+        kinds = [kind for kind, _, _ in parts]
+        if not parts or kinds[-1] is not Kind.QUESTION or parts[-1][1].numel() == 0:
+            raise ValueError("the question is empty: there is nothing to answer")
+        if Kind.QUESTION in kinds[:-1] or Kind.PREFIX in kinds[1:]:
+            raise ValueError("a layout holds one prefix (first) and one question (last)")
+        segments, start = [], 0
+        for kind, ids, key in parts:
             if ids.numel() == 0 and kind is not Kind.CHUNK:
                 continue
             if ids.numel() == 0:
@@ -73,6 +88,10 @@ class PromptLayout:
     @property
     def prefix(self) -> Segment | None:
         return next((s for s in self.segments if s.kind is Kind.PREFIX), None)
+
+    def computed_positions(self) -> torch.Tensor:
+        """Positions that have no cached KV and are always computed (TEXT and QUESTION)."""
+        return torch.cat([s.positions() for s in self.segments if s.kind in COMPUTED])
 
     @property
     def question(self) -> Segment:

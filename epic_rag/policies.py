@@ -44,7 +44,8 @@ class RecomputePolicy(ABC):
 
 
 def _question_positions(layout: PromptLayout) -> torch.Tensor:
-    return layout.question.positions()
+    """The question and any text between chunks: positions with no cached KV."""
+    return layout.computed_positions()
 
 
 class FullRecompute(RecomputePolicy):
@@ -112,7 +113,7 @@ class CacheBlend(RecomputePolicy):
         return torch.arange(layout.prefix_end, layout.length)
 
     def narrow(self, layout: PromptLayout, positions: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
-        keep = positions >= layout.question.start
+        keep = torch.isin(positions, layout.computed_positions())
         candidates = (~keep).nonzero().squeeze(1)
         n_keep = int(round(self.ratio * candidates.numel()))
         if n_keep:
