@@ -92,7 +92,7 @@ class AttnLink(RecomputePolicy):
         heads = [
             torch.arange(c.start, c.start + min(self.k, c.token_ids.numel())) for c in layout.chunks if c.start > 0
         ]
-        return torch.cat(heads + [_question_positions(layout)])
+        return torch.cat(heads + [_question_positions(layout)]).sort().values
 
 
 class CacheBlend(RecomputePolicy):
