@@ -1,0 +1,127 @@
+"""`epic-rag index | ask | chat`: the LlamaIndex RAG app on the command line.
+
+Registered through the ``epic_rag.cli`` entry-point group; `register` adds the parsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from epic_rag import DEFAULT_MODEL
+
+from .handoff import Handoff, current_handoff
+
+RESPONSE_MODES = ("compact", "simple_summarize", "refine", "tree_summarize")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    index = subparsers.add_parser("index", help="build a FAISS index and KV store from a documents folder")
+    index.add_argument("docs_dir", metavar="DOCS_DIR", help="folder of text documents (.txt, .md, ...)")
+    index.add_argument("--index", required=True, metavar="INDEX_DIR", help="folder to write the index to")
+    index.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, folder or .gguf (default {DEFAULT_MODEL})")
+    index.add_argument("--target-tokens", type=int, default=256, help="chunk size KVSplit aims for (LLM tokens)")
+    index.add_argument("--max-tokens", type=int, default=384, help="hard maximum chunk size (LLM tokens)")
+    index.add_argument("--min-tokens", type=int, default=48, help="minimum chunk size unless a document is shorter")
+    index.set_defaults(func=_index)
+
+    for name, helptext in (("ask", "answer one question from an index"), ("chat", "interactive chat over an index")):
+        p = subparsers.add_parser(name, help=helptext)
+        if name == "ask":
+            p.add_argument("question", help="the question")
+        p.add_argument("--index", required=True, metavar="INDEX_DIR", help="an index built by `epic-rag index`")
+        p.add_argument("--policy", default="attnlink:16", help="recompute policy: attnlink:16 (default), full, ...")
+        p.add_argument("--model", default=None, help="must be the model that built the index (default: that one)")
+        p.add_argument("--top-k", type=int, default=3, help="chunks to retrieve (default 3)")
+        p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+        if name == "ask":
+            p.add_argument("--response-mode", default="compact", choices=RESPONSE_MODES)
+        p.set_defaults(func=_ask if name == "ask" else _chat)
+
+
+def _index(args: argparse.Namespace) -> int:
+    from .app import build_index, read_documents
+
+    read_documents(args.docs_dir)  # fail on a bad folder before loading any model
+    start = time.perf_counter()
+    parser_kwargs = {"target_tokens": args.target_tokens, "max_tokens": args.max_tokens, "min_tokens": args.min_tokens}
+    app = build_index(args.docs_dir, args.index, model=args.model, parser_kwargs=parser_kwargs)
+    stats = app.engine.store.stats()
+    print(
+        f"indexed {len(app.index.docstore.docs)} chunks from {args.docs_dir} into {args.index} "
+        f"with {args.model} in {time.perf_counter() - start:.1f} s; "
+        f"KV store: {stats.disk_entries} entries, {stats.disk_bytes / 2**20:.1f} MiB"
+    )
+    return 0
+
+
+def _open(args: argparse.Namespace):
+    from .app import open_index, read_manifest
+
+    read_manifest(args.index)  # fail on a bad index folder before loading any model
+    return open_index(args.index, model=args.model, policy=args.policy, max_new_tokens=args.max_new_tokens,
+                      top_k=args.top_k)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        raise ValueError("the question is empty")
+    app = _open(args)
+    response = app.query_engine(response_mode=args.response_mode).query(args.question)
+    print(str(response).strip())
+    print()
+    print(_report(response.source_nodes, current_handoff()))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    app = _open(args)
+    chat = app.chat_engine()
+    print("epic-rag chat: ask about the indexed documents. /reset clears the conversation, /quit exits.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            break
+        if line == "/quit":
+            break
+        if line == "/reset":
+            chat.reset()
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        response = chat.stream_chat(line)
+        handoff = current_handoff()
+        print("bot> ", end="", flush=True)
+        for delta in response.response_gen:
+            print(delta, end="", flush=True)
+        thread = getattr(response, "write_response_to_history_thread", None)
+        if thread is not None:
+            thread.join()
+        print()
+        print(_report(response.source_nodes, handoff))
+    return 0
+
+
+def _report(source_nodes: list[Any], handoff: Handoff | None) -> str:
+    """Sources line and the reuse line: TTFT, cache hits, recomputed tokens."""
+    sources = ", ".join(
+        f"{n.node.metadata.get('file_name', n.node.node_id)} ({n.score:.2f})" if n.score is not None
+        else str(n.node.metadata.get("file_name", n.node.node_id))
+        for n in source_nodes
+    )
+    lines = [f"sources: {sources or '(none)'}"]
+    if handoff is not None and handoff.calls:
+        calls = handoff.calls
+        recomputed = sum(c.tokens_recomputed for c in calls)
+        total = sum(c.tokens_total for c in calls)
+        lines.append(
+            f"ttft: {calls[0].ttft_s:.2f} s | cache hits: {sum(c.store_hits for c in calls)}, "
+            f"misses: {sum(c.store_misses for c in calls)} | recomputed tokens: {recomputed} of {total} | "
+            f"chunks linked: {sum(c.chunks_matched for c in calls)} | policy: {calls[0].policy}"
+            + (f" | llm calls: {len(calls)}" if len(calls) > 1 else "")
+        )
+    return "\n".join(lines)
