@@ -23,7 +23,7 @@ TokenCounter = Callable[[str], int]
 EmbedFn = Callable[[list[str]], np.ndarray]  # texts -> [n, dim] embeddings
 BoundaryFn = Callable[[list[str]], Sequence[float]]  # sentences -> n-1 gap scores (higher: better cut)
 
-_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n")
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n[ \t]*\n|\n(?=[ \t]*(?:[#>*|-]|\d+[.)]\s))")
 _WORD = re.compile(r"\S+")
 
 
@@ -58,13 +58,15 @@ def sentence_spans(text: str, start: int = 0, end: int | None = None) -> list[tu
     """(start, end) of each sentence in text[start:end], surrounding whitespace excluded.
 
     A sentence ends at . ! ? (plus closing quotes/brackets) before whitespace, unless the
-    next word starts lower-case (abbreviations such as "e.g."), or at a line break.
+    next word starts lower-case (abbreviations such as "e.g."); at a blank line; or before a
+    line that starts a heading, list item, quote or table row. Other line breaks (hard-wrapped
+    prose) are spaces.
     """
     end = len(text) if end is None else end
     spans, begin = [], start
     for match in _SENTENCE_END.finditer(text, start, end):
         nxt = _WORD.search(text, match.end(), end)
-        if match.group() != "\n" and nxt is not None and nxt.group()[0].islower():
+        if not match.group().startswith("\n") and nxt is not None and nxt.group()[0].islower():
             continue
         spans.append((begin, match.end()))
         begin = match.end()
@@ -232,8 +234,8 @@ class KVSplit:
                     if size < floor and not (a == 0 and b == n):
                         continue
                     cost = best[a] + ((size - target) / target) ** 2
-                    if b < n:
-                        cost -= self.semantic_weight * scores[b - 1]
+                    if b < n:  # reward cuts at clearly above-average changes of meaning
+                        cost -= self.semantic_weight * max(0.0, scores[b - 1] - 1.0)
                     if cost < best[b] - 1e-12:
                         best[b], back[b], sizes[(a, b)] = cost, a, size
             if best[n] < float("inf"):
