@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any, Literal
 
@@ -60,6 +61,22 @@ class EpicKVPostprocessor(BaseNodePostprocessor):
     def _postprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
+        ordered, handoff = self._prepare(nodes, query_bundle)
+        set_handoff(handoff)
+        return ordered
+
+    async def _apostprocess_nodes(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
+    ) -> list[NodeWithScore]:
+        """Compute in a worker thread, but set the handoff in the calling task's own context."""
+        ordered, handoff = await asyncio.to_thread(self._prepare, nodes, query_bundle)
+        set_handoff(handoff)
+        return ordered
+
+    def _prepare(
+        self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None
+    ) -> tuple[list[NodeWithScore], Handoff]:
+        """(ordered nodes, this query's handoff), with every missing chunk KV computed and stored."""
         ordered = self._ordered(nodes)
         texts = [t for t in (llm_text(n.node) for n in ordered) if t]
         engine, hits, misses = self._engine, 0, 0
@@ -75,8 +92,7 @@ class EpicKVPostprocessor(BaseNodePostprocessor):
             self._hits += hits
             self._misses += misses
         query = query_bundle.query_str if query_bundle is not None else None
-        set_handoff(Handoff(chunks=texts, query=query, hits=hits, misses=misses))
-        return ordered
+        return ordered, Handoff(chunks=texts, query=query, hits=hits, misses=misses)
 
 
 def _document_of(node: NodeWithScore) -> str:

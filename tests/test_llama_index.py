@@ -1,0 +1,161 @@
+"""End to end through LlamaIndex + FAISS on SmolLM2: reuse, oracle, concurrency, reopen."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from epic_rag import EpicEngine, KVStore
+from epic_rag.integrations.llama_index import EpicLLM, current_handoff, last_call
+from epic_rag.integrations.llama_index.app import build_index, open_index
+from epic_rag.integrations.llama_index.handoff import Handoff, llm_text, set_handoff
+
+pytestmark = pytest.mark.slow
+SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "sample_docs"
+QUESTION = "How long does the Skylark S3 battery last?"
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("rag_index")
+
+
+@pytest.fixture(scope="module")
+def app(index_dir):
+    engine = EpicEngine.from_pretrained("smollm2-135m-instruct", store_dir=index_dir / "kv")
+    built = build_index(SAMPLES, index_dir, model="smollm2-135m-instruct", engine=engine, show_progress=False)
+    built.llm.max_new_tokens = 24
+    return built
+
+
+def _source_texts(response) -> list[str]:
+    return [llm_text(n.node) for n in response.source_nodes]
+
+
+def test_answer_and_one_hit_per_node_on_second_query(app):
+    first, _ = app.ask(QUESTION)
+    assert str(first).strip()
+    second, handoff = app.ask("What does the Skylark S3 cost?")
+    assert str(second).strip()
+    assert handoff.hits == len(second.source_nodes) == 3 and handoff.misses == 0
+    call = handoff.calls[0]
+    assert call.chunks_matched == 3 and call.tokens_reused > 0
+    assert call.tokens_recomputed < call.tokens_total
+    assert call.store_hits >= 3
+
+
+def test_full_recompute_matches_plain_generation(app):
+    nodes = list(app.index.docstore.docs.values())[:3]
+    texts = [llm_text(n) for n in nodes]
+    engine = app.engine
+    # chunks joined by "\n\n" (compact) and by "\n" (simple text between chunks)
+    context = texts[0] + "\n\n" + texts[1] + "\n" + texts[2]
+    prompt = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"Context:\n{context}\n---\nQuestion: {QUESTION}\nAnswer: "}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = torch.tensor([engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.inference_mode():
+        plain = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    expected = engine.tokenizer.decode(plain[0, ids.shape[1] :], skip_special_tokens=True)
+
+    set_handoff(Handoff(chunks=texts))
+    try:
+        full = EpicLLM(engine, policy="full", max_new_tokens=20).complete(prompt, formatted=True)
+        assert last_call().chunks_matched == 3 and last_call().tokens_reused == 0
+        linked = EpicLLM(engine, policy="attnlink:16", max_new_tokens=20).complete(prompt, formatted=True)
+        assert last_call().chunks_matched == 3 and last_call().tokens_reused > 100
+    finally:
+        set_handoff(None)
+    assert full.text.strip() == expected.strip()
+    assert linked.text.strip()
+
+
+@pytest.mark.parametrize("mode", ["compact", "simple_summarize", "refine", "tree_summarize"])
+def test_response_modes(app, mode):
+    response, handoff = app.ask(QUESTION, response_mode=mode)
+    assert str(response).strip()
+    assert handoff.calls, "the LLM was not called through the handoff"
+    for call in handoff.calls:
+        assert call.store_misses >= call.chunks_unmatched  # unmatched text is computed and counted
+        if call.chunks_matched == 0:
+            assert call.tokens_reused == 0
+    if mode in ("compact", "tree_summarize"):
+        assert handoff.calls[0].chunks_matched == len(response.source_nodes)
+    if mode == "refine":
+        assert handoff.calls[0].chunks_matched == 1
+
+
+def test_without_postprocessor_is_plain_generation(app):
+    box = []
+
+    def run() -> None:  # a fresh thread: no handoff in its context
+        text = app.llm.complete("Say hello.").text
+        box.append((text, last_call(), current_handoff()))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    text, call, handoff = box[0]
+    assert text.strip() and handoff is None
+    assert call.chunks_handed == 0 and call.tokens_reused == 0 and call.tokens_recomputed == call.tokens_total
+
+
+QUESTIONS = ("What does the warranty cover?", "What did firmware 4.2 add?")
+
+
+def test_two_threads_never_see_each_others_chunks(app):
+    results: dict[str, tuple] = {}
+
+    def ask(question: str) -> None:
+        response, handoff = app.ask(question)
+        results[question] = (response, handoff)
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in QUESTIONS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for question in QUESTIONS:
+        response, handoff = results[question]
+        assert handoff.query == question
+        assert handoff.chunks == _source_texts(response)
+        assert handoff.calls[0].chunks_matched == len(handoff.chunks)
+    assert results[QUESTIONS[0]][1] is not results[QUESTIONS[1]][1]
+
+
+def test_two_asyncio_tasks_never_see_each_others_chunks(app):
+    engine = app.query_engine()
+
+    async def ask(question: str):
+        response = await engine.aquery(question)
+        return response, current_handoff()
+
+    async def both():
+        return await asyncio.gather(*(ask(q) for q in QUESTIONS))
+
+    for question, (response, handoff) in zip(QUESTIONS, asyncio.run(both())):
+        assert handoff.query == question
+        assert handoff.chunks == _source_texts(response)
+        assert handoff.calls and handoff.calls[0].chunks_matched == len(handoff.chunks)
+
+
+def test_reopened_index_recomputes_no_kv(app, index_dir):
+    app.ask(QUESTION)  # the prompt prefix is stored on first use
+    engine = EpicEngine(app.engine.model, app.engine.tokenizer, KVStore(index_dir / "kv"))
+    reopened = open_index(index_dir, engine=engine, max_new_tokens=16)
+    response, handoff = reopened.ask(QUESTION)
+    assert str(response).strip()
+    assert handoff.misses == 0 and handoff.hits == len(response.source_nodes)
+    assert all(c.store_misses == 0 and c.store_hits >= 1 for c in handoff.calls)
+    assert engine.store.stats().misses == 0
+
+
+def test_index_built_with_another_model_is_refused(index_dir):
+    with pytest.raises(ValueError, match="was built with model"):
+        open_index(index_dir, model="qwen2.5-0.5b-instruct")
