@@ -1,0 +1,67 @@
+"""The `epic-rag index / ask / chat` commands as subprocesses on the sample folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "sample_docs"
+MODEL = "smollm2-135m-instruct"
+
+
+def epic_rag(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "epic_rag.cli", *args], input=stdin, capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "idx"
+    done = epic_rag("index", str(SAMPLES), "--index", str(path), "--model", MODEL)
+    assert done.returncode == 0, done.stderr
+    assert "indexed" in done.stdout and (path / "kv").is_dir() and (path / "storage").is_dir()
+    return path
+
+
+def test_ask_answers_with_sources_and_stats(index_dir):
+    done = epic_rag("ask", "How long does the Skylark S3 battery last?", "--index", str(index_dir),
+                    "--max-new-tokens", "32")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "sources: skylark_s3.md" in out
+    assert "ttft:" in out and "cache hits: 3," in out and "recomputed tokens:" in out and "chunks linked: 3" in out
+    assert out.split("sources:")[0].strip()
+
+
+def test_chat_streams_resets_and_quits(index_dir):
+    done = epic_rag("chat", "--index", str(index_dir), "--max-new-tokens", "16",
+                    stdin="What does the Skylark S3 cost?\n/reset\n/quit\n")
+    assert done.returncode == 0, done.stderr
+    assert "bot> " in done.stdout and "sources: " in done.stdout and "ttft:" in done.stdout
+    assert "(conversation cleared)" in done.stdout
+
+
+def test_clear_errors(tmp_path, index_dir):
+    missing = epic_rag("index", str(tmp_path / "nope"), "--index", str(tmp_path / "i"))
+    assert missing.returncode == 2 and "documents folder not found" in missing.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = epic_rag("index", str(empty), "--index", str(tmp_path / "i"))
+    assert done.returncode == 2 and "is empty" in done.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ok.txt").write_text("Fine text.")
+    (bad / "blob.bin").write_bytes(b"\xff\xfe\x00\x81 not text")
+    done = epic_rag("index", str(bad), "--index", str(tmp_path / "i"))
+    assert done.returncode == 2 and "blob.bin (not UTF-8 text)" in done.stderr
+    other = epic_rag("ask", "Anything?", "--index", str(index_dir), "--model", "qwen2.5-0.5b-instruct")
+    assert other.returncode == 2 and "was built with model" in other.stderr
+    noindex = epic_rag("ask", "Anything?", "--index", str(tmp_path / "empty"))
+    assert noindex.returncode == 2 and "not an epic-rag index" in noindex.stderr
