@@ -96,3 +96,17 @@ def test_rotation_matches_float64_reference():
     assert torch.allclose(rotate_keys(keys, inv_freq, p), expected, atol=1e-12)
     back = rotate_keys(rotate_keys(keys, inv_freq, p), inv_freq, -p)
     assert torch.allclose(back, keys, atol=1e-12)
+
+
+def test_eager_attention_is_exact_too():
+    from epic_rag import EpicEngine
+
+    from .conftest import CharTokenizer
+
+    engine = EpicEngine(tiny_model("llama", attn_implementation="eager"), CharTokenizer())
+    layout = engine.layout(QUESTION, CHUNKS, "sys")
+    reference = plain_logits(engine, layout.ids)
+    assert (engine.prefill(layout, FullRecompute()).logits - reference).abs().max() < 1e-4
+    chunk = engine.encode(layout.chunks[0].token_ids)
+    k0, _ = keys_at(engine.model, layout.chunks[0].token_ids, 0)
+    assert (chunk.keys - k0).abs().max() < 1e-5

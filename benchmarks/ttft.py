@@ -1,0 +1,11 @@
+"""TTFT benchmark: `python benchmarks/ttft.py --help` (same as `epic-rag bench ttft`)."""
+
+import argparse
+import sys
+
+from epic_rag.bench.ttft import add_arguments, main
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
