@@ -38,15 +38,15 @@ def hf_floor_seconds(engine: EpicEngine, ids: torch.Tensor, new_tokens: int, rep
     past_len = ids.numel() - new_tokens
     with torch.inference_mode():
         cache = DynamicCache(config=engine.model.config)
-        engine.model(input_ids=ids[None, :past_len].to(engine.device), past_key_values=cache, use_cache=True)
+        engine.model(input_ids=ids[None, :past_len].to(engine.device), cache=cache, use_cache=True)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             engine.model(
-                input_ids=ids[None, past_len:].to(engine.device), past_key_values=cache, use_cache=True, logits_to_keep=1
+                input_ids=ids[None, past_len:].to(engine.device), cache=cache, use_cache=True, logits_to_keep=1
             )
             times.append(time.perf_counter() - start)
-            cache.crop(past_len)
+            cache.crop(-new_tokens)  # drop the new tokens again
     return statistics.median(times)
 
 
