@@ -44,14 +44,18 @@ class PositionalKVCache:
             raise ValueError(f"sequence of {length} tokens exceeds the cache capacity {self.capacity}")
         first, last = int(positions[0]), int(positions[-1])
         contiguous = last - first + 1 == positions.numel()
-        self._write = slice(first, last + 1) if contiguous else positions
+        self._write = slice(first, last + 1) if contiguous else positions.to(self.keys.device)
         self.length = length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_: object):
         """Scatter fresh K/V ([1, kv_heads, S, head_dim]) and return this layer's visible K/V."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        keys[:, :, self._write] = key_states
-        values[:, :, self._write] = value_states
+        if isinstance(self._write, slice):
+            keys[:, :, self._write] = key_states
+            values[:, :, self._write] = value_states
+        else:
+            keys.index_copy_(2, self._write, key_states)
+            values.index_copy_(2, self._write, value_states)
         return keys[:, :, : self.length], values[:, :, : self.length]
 
     def export(self, token_ids: torch.Tensor, start: int = 0) -> ChunkKV:
