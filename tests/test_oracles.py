@@ -70,10 +70,12 @@ ROPE_TYPES = {
 }
 
 
-@pytest.mark.parametrize("rope", sorted(ROPE_TYPES))
+@pytest.mark.parametrize(
+    "family, rope", [("llama", rope) for rope in sorted(ROPE_TYPES)] + [("qwen2", "default"), ("mistral", "default")]
+)
 @pytest.mark.parametrize("offset", [1, 37, 4000])
-def test_rotated_keys_equal_keys_encoded_at_offset(rope, offset):
-    model = tiny_model("llama", rope_parameters=ROPE_TYPES[rope])
+def test_rotated_keys_equal_keys_encoded_at_offset(family, rope, offset):
+    model = tiny_model(family, rope_parameters=ROPE_TYPES[rope])
     inv_freq = model.model.rotary_emb.inv_freq
     ids = torch.randint(4, 120, (48,), generator=torch.Generator().manual_seed(1))
     k0, v0 = keys_at(model, ids, 0)  # [layers, kv_heads, n, head_dim]
@@ -110,3 +112,15 @@ def test_eager_attention_is_exact_too():
     chunk = engine.encode(layout.chunks[0].token_ids)
     k0, _ = keys_at(engine.model, layout.chunks[0].token_ids, 0)
     assert (chunk.keys - k0).abs().max() < 1e-5
+
+
+def test_linked_cache_holds_chunks_encoded_at_their_positions(family):
+    engine = tiny_engine(family)
+    layout = engine.layout(QUESTION, CHUNKS, "a system prompt")
+    cache = engine.prefill(layout, FullReuse()).cache
+    for seg in layout.chunks:
+        k, v = keys_at(engine.model, seg.token_ids, seg.start)  # the chunk alone, at its global positions
+        linked_k = cache.keys[:, 0, :, seg.start : seg.end]
+        linked_v = cache.values[:, 0, :, seg.start : seg.end]
+        assert ((linked_k - k).abs() / k.abs().amax(dim=(-1, -2), keepdim=True)).max() < 1e-4
+        assert ((linked_v - v).abs() / v.abs().amax(dim=(-1, -2), keepdim=True)).max() < 1e-4
