@@ -52,3 +52,23 @@ def test_missing_sources_are_clear(tmp_path):
         load_model(tmp_path / "nope.gguf")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path)
+
+
+def test_offline_models_are_pinned_and_verified(tmp_path):
+    from epic_rag.offline import OFFLINE_MODELS, ensure_converted_gguf, offline_model_folder, sha256_files
+
+    smollm2 = OFFLINE_MODELS["smollm2-135m-instruct"]
+    assert sha256_files(smollm2.locate_parts()) == smollm2.sha256
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF not really")
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        ensure_converted_gguf([fake], expected_sha256="0" * 64)
+    with pytest.raises(KeyError, match="unknown built-in model"):
+        offline_model_folder("gpt-5")
+
+
+def test_conversion_cache_dir_is_overridable(tmp_path, monkeypatch):
+    from epic_rag.offline import CACHE_ENV, converted_folder
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert converted_folder("ab" * 32).is_relative_to(tmp_path)
