@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from epic_rag import EpicEngine, KVStore
+from epic_rag.bench.data import default_data_dir
 
-SHARED_DATA = Path(os.environ.get("EPIC_RAG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = default_data_dir()
 
 
 class CharTokenizer:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from epic_rag.chunking import KVSplit, count_tokens_with, fixed_size_split, load_sentence_encoder, sentence_spans
+from epic_rag.bench.data import default_data_dir
 from epic_rag.model import resolve_model_folder
 
-DATA = Path(os.environ.get("EPIC_RAG_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = default_data_dir()
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 

@@ -6,14 +6,20 @@ import os
 from pathlib import Path
 
 DATA_ENV = "EPIC_RAG_DATA"
+WORKSPACE_DATA = Path("/work/shared/data")
 
 
 def default_data_dir() -> Path:
-    """``$EPIC_RAG_DATA``, else the workspace's ``../shared/data`` beside the checkout."""
+    """``$EPIC_RAG_DATA``; else a ``shared/data`` folder beside the checkout or above it;
+    else the workspace's ``/work/shared/data``."""
     env = os.environ.get(DATA_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return WORKSPACE_DATA
 
 
 def essay_chunks(engine, n: int, tokens: int, folder: Path | None = None) -> list[str]:
