@@ -1,0 +1,235 @@
+"""Accuracy against speed: every method on the same records, same engine, same prompt.
+
+For each record the chunks are compiled first (index time, not part of TTFT), then
+every method prefills the same layout from the cache, answers greedily, and is
+compared with full recompute: KL of the first-token distribution, mean KL along full
+recompute's own greedy answer (teacher forced), and exact match of the answers.
+Per-record results are saved under DIR/records/ as they finish, so a rerun (or a
+larger --limit) only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..engine import EpicEngine
+from ..offline import DEFAULT_MODEL
+from ..policies import parse_policy
+from .agreement import greedy_decode, kl_divergence, teacher_forced_logits
+from .records import CHUNKINGS, Record, fit_chunks, longbench_records, make_chunker
+from .scoring import best_over_golds, rouge_l, token_f1
+
+SYSTEM = "Answer the question based on the given passages. Only give me the answer and do not output any other words."
+QUESTION_TEMPLATE = (
+    "Answer the question based on the given passages. Only give me the answer and do not output any other words."
+    "\n\nQuestion: {question}\nAnswer:"
+)
+METHODS = ("full", "reuse", "prefix", "cacheblend:0.15") + tuple(f"attnlink:{k}" for k in (1, 2, 4, 8, 16, 32))
+REFERENCE = "full"
+SUMMARY_MEDIANS = ("ttft_s", "kv_load_s", "link_s", "recompute_s")
+SUMMARY_MEANS = ("f1", "rouge_l", "recomputed_fraction", "kl_vs_full", "kl_tf_vs_full", "agree_vs_full", "tokens")
+
+
+def _method_result(engine, layout, policy, record: Record, max_new: int, reference: dict | None) -> tuple[dict, dict]:
+    """(saved metrics, in-memory reference data) of one method on one record."""
+    pre = engine.prefill(layout, policy, extra_capacity=max_new + 1)
+    first = pre.logits
+    tf = None
+    if reference is not None:
+        tf = teacher_forced_logits(engine, pre.cache, first, layout.length, reference["ids"])
+    ids, steps = greedy_decode(engine, pre.cache, first, layout.length, max_new)
+    answer = engine.tokenizer.decode([t for t in ids if t not in engine.stop_token_ids], skip_special_tokens=True)
+    answer = answer.strip()
+    s = pre.stats
+    row = {
+        "answer": answer,
+        "f1": best_over_golds(token_f1, answer, record.answers),
+        "rouge_l": best_over_golds(rouge_l, answer, record.answers),
+        "ttft_s": s.ttft_s,
+        "kv_load_s": s.kv_load_s,
+        "link_s": s.link_s,
+        "recompute_s": s.recompute_s,
+        "recomputed_fraction": s.recomputed_fraction,
+        "tokens": s.tokens_total,
+        "store_misses": s.store_misses,
+    }
+    if reference is None:
+        row.update(kl_vs_full=0.0, kl_tf_vs_full=0.0, agree_vs_full=1.0)
+        return row, {"ids": ids, "steps": torch.stack(steps), "answer": answer}
+    row["kl_vs_full"] = float(kl_divergence(reference["steps"][0], first))
+    row["kl_tf_vs_full"] = float(kl_divergence(reference["steps"], tf).mean())
+    row["agree_vs_full"] = float(answer == reference["answer"])
+    return row, {}
+
+
+def evaluate_record(
+    engine: EpicEngine, record: Record, methods: list[str], max_new: int, max_context_tokens: int | None, done: dict
+) -> dict:
+    """Metrics of every method in `methods` missing from `done` (method -> metrics) on `record`."""
+    overhead = engine.layout(QUESTION_TEMPLATE.format(question=record.question), [], SYSTEM).length + max_new + 1
+    limit = min(max_context_tokens or engine.max_context, engine.max_context)
+    chunks = fit_chunks(engine, record.chunks, limit - overhead)
+    t0 = time.perf_counter()
+    chunk_ids = engine.add_chunks(chunks, progress=False)
+    index_s = time.perf_counter() - t0
+    layout = engine.layout(QUESTION_TEMPLATE.format(question=record.question), chunk_ids, SYSTEM)
+    engine.prefill(layout, "reuse")  # warm-up: caches the system prefix, warms kernels
+    todo = [m for m in methods if m not in done]
+    reference_row, reference = _method_result(engine, layout, parse_policy(REFERENCE), record, max_new, None)
+    out = dict(done)
+    if REFERENCE in todo:
+        out[REFERENCE] = reference_row
+    for spec in tqdm([m for m in todo if m != REFERENCE], desc="methods", unit="method", leave=False):
+        out[spec], _ = _method_result(engine, layout, parse_policy(spec), record, max_new, reference)
+    for row in out.values():
+        row.setdefault("index_s", index_s)
+    return out
+
+
+def summarise(rows: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per method: medians of times, means of scores and agreement, speed-up vs full."""
+    summary = {}
+    for spec, items in rows.items():
+        summary[spec] = {"n": len(items)}
+        summary[spec].update({k: statistics.median(r[k] for r in items) for k in SUMMARY_MEDIANS})
+        summary[spec].update({k: statistics.fmean(r[k] for r in items) for k in SUMMARY_MEANS})
+    full = summary.get(REFERENCE)
+    for spec, item in summary.items():
+        item["speedup_vs_full"] = full["ttft_s"] / item["ttft_s"] if full else None
+    return summary
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of the summary, one row per method."""
+    head = (
+        f"model {result['model']} ({result['dtype']}, {result['machine']}), {result['records']} records of "
+        f"{result['data']}, chunking {result['chunking']}, mean {result['mean_tokens']:.0f} prompt tokens\n\n"
+        "| method | F1 | Rouge-L | TTFT s (median) | speed-up vs full | recomputed | KL first token | "
+        "KL teacher-forced | agree with full |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = [
+        f"| {spec} | {m['f1'] * 100:.1f} | {m['rouge_l'] * 100:.1f} | {m['ttft_s']:.3f} | "
+        f"{(m['speedup_vs_full'] or float('nan')):.1f}x | {m['recomputed_fraction'] * 100:.1f}% | {m['kl_vs_full']:.3f} | "
+        f"{m['kl_tf_vs_full']:.3f} | {m['agree_vs_full'] * 100:.0f}% |"
+        for spec, m in result["methods"].items()
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def _settings(args: argparse.Namespace, source: str) -> dict:
+    return {
+        "model": args.model,
+        "dtype": args.dtype,
+        "data": source,
+        "chunking": args.chunking,
+        "max_context_tokens": args.max_context_tokens,
+        "max_new_tokens": args.max_new_tokens,
+        "prompt": hashlib.sha256((SYSTEM + QUESTION_TEMPLATE).encode()).hexdigest()[:16],
+    }
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """Refuse to mix results of other settings into one output folder."""
+    path = out / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise ValueError(f"{out} holds results of other settings {diff}; choose another --out")
+    else:
+        path.write_text(json.dumps(settings, indent=2))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_records(args: argparse.Namespace, engine: EpicEngine, records: list[Record], source: str) -> dict:
+    """Evaluate (or resume) every record, then write results.json, results.md and the plot."""
+    from .plots import plot_f1_vs_ttft
+
+    out = Path(args.out)
+    (out / "records").mkdir(parents=True, exist_ok=True)
+    _check_settings(out, _settings(args, source))
+    methods = list(dict.fromkeys(args.methods))
+    per_method: dict[str, list[dict]] = {m: [] for m in methods}
+    for record in tqdm(records, desc="records", unit="record"):
+        path = out / "records" / f"{hashlib.sha256(record.id.encode()).hexdigest()[:16]}.json"
+        saved = json.loads(path.read_text()) if path.exists() else {"id": record.id, "methods": {}}
+        if not set(methods) <= saved["methods"].keys():
+            done = {m: r for m, r in saved["methods"].items() if m in methods}
+            saved["methods"].update(
+                evaluate_record(engine, record, methods, args.max_new_tokens, args.max_context_tokens, done)
+            )
+            saved.update(question=record.question, answers=record.answers, meta=record.meta)
+            _write_json(path, saved)
+        for m in methods:
+            per_method[m].append(saved["methods"][m])
+    summary = summarise(per_method)
+    result = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "machine": machine(),
+        "data": source,
+        "chunking": args.chunking,
+        "records": len(records),
+        "mean_tokens": statistics.fmean(r["tokens"] for rows in per_method.values() for r in rows),
+        "max_new_tokens": args.max_new_tokens,
+        "methods": summary,
+    }
+    _write_json(out / "results.json", result)
+    (out / "results.md").write_text(format_table(result))
+    plot_f1_vs_ttft(summary, out / "f1_vs_ttft.png", title=f"{args.model}, {len(records)} records of {source}")
+    return result
+
+
+def machine() -> str:
+    """A one-line description of where this ran."""
+    return f"{platform.machine()} {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+
+
+def load_engine(args: argparse.Namespace) -> EpicEngine:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    return EpicEngine.from_pretrained(args.model, dtype=dtype, device=args.device)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `bench accuracy` and `bench needle`."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, folder or .gguf")
+    parser.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",") if m.strip()], default=list(METHODS))
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-context-tokens", type=int, default=None, help="cap the prompt (default: the model's limit)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--device", default="cpu")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="LongBench-format jsonl (input, context, answers)")
+    parser.add_argument("--limit", type=int, default=None, help="first N records only")
+    parser.add_argument("--chunking", choices=CHUNKINGS, default="passages")
+    parser.add_argument("--out", type=Path, default=Path("bench-accuracy"), help="output folder (resumable)")
+    add_common_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    for m in args.methods:
+        parse_policy(m)
+    engine = load_engine(args)
+    records = longbench_records(args.data, make_chunker(engine, args.chunking), args.limit)
+    result = run_records(args, engine, records, args.data.name)
+    print(format_table(result))
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'f1_vs_ttft.png'}")
+    return 0

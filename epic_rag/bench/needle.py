@@ -1,0 +1,68 @@
+"""Needle in a haystack: one sentence hidden at depths 0-100% of essay contexts of growing length.
+
+Runs through the accuracy harness (same methods, metrics, resumable folder) and adds
+a grid of F1 per method by context length and depth (DIR/needle.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..policies import parse_policy
+from .accuracy import add_common_arguments, format_table, load_engine, run_records
+from .data import default_data_dir
+from .records import needle_records
+
+DEFAULT_METHODS = ["full", "reuse", "cacheblend:0.15", "attnlink:16"]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def needle_grid(out: Path, methods: list[str]) -> str:
+    """Markdown: F1 (%) of each method per (context tokens, depth), from the saved records."""
+    cells: dict[tuple[str, int, float], float] = {}
+    for path in (out / "records").glob("*.json"):
+        saved = json.loads(path.read_text())
+        meta = saved.get("meta", {})
+        for m in methods:
+            if m in saved["methods"] and "depth" in meta:
+                cells[(m, meta["context_tokens"], meta["depth"])] = saved["methods"][m]["f1"]
+    lengths = sorted({k[1] for k in cells})
+    depths = sorted({k[2] for k in cells})
+    lines = []
+    for m in methods:
+        lines.append(f"\n{m}: F1 % by context tokens (rows) and needle depth (columns)\n")
+        lines.append("| tokens | " + " | ".join(f"{d:.0%}" for d in depths) + " |")
+        lines.append("|---:|" + "---:|" * len(depths))
+        for n in lengths:
+            row = [cells.get((m, n, d)) for d in depths]
+            lines.append(f"| {n} | " + " | ".join("" if v is None else f"{v * 100:.0f}" for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--essays", type=Path, default=None, help="folder of .txt essays (default: shared haystack)")
+    parser.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="context tokens, e.g. 1024,4096")
+    parser.add_argument("--depths", type=_ints, default=[0, 25, 50, 75, 100], help="needle depths in percent")
+    parser.add_argument("--chunk-tokens", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=Path("bench-needle"), help="output folder (resumable)")
+    add_common_arguments(parser)
+    parser.set_defaults(func=main, methods=DEFAULT_METHODS)
+
+
+def main(args: argparse.Namespace) -> int:
+    for m in args.methods:
+        parse_policy(m)
+    engine = load_engine(args)
+    essays = args.essays or default_data_dir() / "haystack"
+    records = needle_records(engine, essays, args.lengths, [d / 100 for d in args.depths], args.chunk_tokens)
+    args.chunking = f"fixed:{args.chunk_tokens}"
+    result = run_records(args, engine, records, f"needle:{essays.name}")
+    grid = needle_grid(Path(args.out), list(dict.fromkeys(args.methods)))
+    (Path(args.out) / "needle.md").write_text(grid)
+    print(format_table(result) + grid)
+    return 0

@@ -1,0 +1,111 @@
+"""The accuracy harness end to end on real records with SmolLM2, plus its pieces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from epic_rag.bench import accuracy
+from epic_rag.bench.agreement import greedy_decode, kl_divergence, teacher_forced_logits
+from epic_rag.bench.records import NEEDLE, fit_chunks, make_chunker, needle_records, split_passages
+from epic_rag.cli import main as cli_main
+
+from .conftest import SHARED_DATA
+
+WIKI = SHARED_DATA / "longbench" / "2wikimqa_dev.jsonl"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(out, *extra: str) -> int:
+    return cli_main(
+        ["bench", "accuracy", "--data", str(WIKI), "--limit", "2", "--model", "smollm2-135m-instruct",
+         "--methods", "full,attnlink:16", "--max-context-tokens", "700", "--max-new-tokens", "8",
+         "--out", str(out), *extra]
+    )  # fmt: skip
+
+
+def test_harness_writes_json_table_and_plot_and_resumes(tmp_path, monkeypatch):
+    assert _run(tmp_path) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["model"] == "smollm2-135m-instruct" and result["records"] == 2
+    assert list(result["methods"]) == ["full", "attnlink:16"]
+    full, link = result["methods"]["full"], result["methods"]["attnlink:16"]
+    for m in (full, link):
+        assert 0.0 <= m["f1"] <= 1.0 and m["ttft_s"] > 0 and 0.0 <= m["agree_vs_full"] <= 1.0
+        assert m["kl_vs_full"] >= 0.0 and m["kl_tf_vs_full"] >= 0.0
+    assert full["recomputed_fraction"] == 1.0 and full["kl_vs_full"] == 0.0 and full["agree_vs_full"] == 1.0
+    assert 0.0 < link["recomputed_fraction"] < 0.5
+    assert link["kl_vs_full"] > 0.0  # linked chunks are not the same cache as a full prefill
+    assert 300 < result["mean_tokens"] <= 700
+
+    table = (tmp_path / "results.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| full") or line.startswith("| attnlink:16")]
+    assert len(rows) == 2 and all(r.count("|") == 10 for r in rows)
+    assert (tmp_path / "f1_vs_ttft.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(list((tmp_path / "records").glob("*.json"))) == 2
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a finished record was computed again")
+
+    monkeypatch.setattr(accuracy, "evaluate_record", refuse)
+    assert _run(tmp_path) == 0  # resumed: every record and method is cached
+    assert json.loads((tmp_path / "results.json").read_text())["methods"] == result["methods"]
+
+
+def test_harness_refuses_to_mix_settings_in_one_folder(tmp_path, capsys):
+    (tmp_path / "settings.json").write_text(json.dumps({"model": "another"}))
+    assert _run(tmp_path) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_teacher_forcing_matches_greedy_decoding(smollm2, essays):
+    """Teacher forcing full recompute's own answer must give the distributions it decoded from."""
+    chunks = [essays[0][:600], essays[1][:600]]
+    layout = smollm2.layout("What is the first essay about?", chunks)
+    pre = smollm2.prefill(layout, "full", extra_capacity=9)
+    ids, steps = greedy_decode(smollm2, pre.cache, pre.logits, layout.length, 6)
+    again = smollm2.prefill(layout, "full", extra_capacity=9)
+    forced = teacher_forced_logits(smollm2, again.cache, again.logits, layout.length, ids)
+    assert forced.shape == (len(ids), pre.logits.numel()) and len(ids) > 1
+    assert kl_divergence(torch.stack(steps), forced).max() < 1e-4
+    assert torch.equal(forced.argmax(-1), torch.tensor(ids))
+
+
+def test_kl_divergence_is_zero_for_equal_and_positive_for_different_logits():
+    a = torch.tensor([[2.0, 0.0, -1.0]])
+    assert kl_divergence(a, a).item() == pytest.approx(0.0, abs=1e-12)
+    assert kl_divergence(a, torch.zeros(1, 3)).item() > 0.1
+
+
+def test_passages_are_split_at_their_labels():
+    context = "Passage 1:\nAlpha one.\nPassage 2:\nBeta two.\n\nPassage 3:\nGamma."
+    assert split_passages(context) == ["Passage 1:\nAlpha one.", "Passage 2:\nBeta two.", "Passage 3:\nGamma."]
+    assert split_passages("no labels here") == ["no labels here"]
+    assert split_passages("intro\nPassage 1: x") == ["intro", "Passage 1: x"]
+
+
+def test_fit_chunks_keeps_leading_chunks_within_the_budget(smollm2, essays):
+    chunks = [essays[i][:800] for i in range(4)]
+    sizes = [smollm2.chunk_token_ids(c).numel() for c in chunks]
+    kept = fit_chunks(smollm2, chunks, sizes[0] + sizes[1] + 5)
+    assert kept == chunks[:2]
+    cut = fit_chunks(smollm2, chunks, 50)
+    assert len(cut) == 1 and smollm2.chunk_token_ids(cut[0]).numel() <= 50
+
+
+def test_unknown_chunking_is_refused(smollm2):
+    with pytest.raises(ValueError, match="unknown chunking"):
+        make_chunker(smollm2, "sentences")
+
+
+def test_needle_records_place_the_needle_at_each_depth(smollm2):
+    records = needle_records(smollm2, SHARED_DATA / "haystack", [1024], [0.0, 0.5, 1.0])
+    assert [r.meta["depth"] for r in records] == [0.0, 0.5, 1.0]
+    for r in records:
+        text = " ".join(r.chunks)
+        assert "Dolores Park" in text and all(len(smollm2.tokenize(c)) <= 512 for c in r.chunks)
+    first, middle, last = (" ".join(r.chunks) for r in records)
+    assert first.startswith(NEEDLE[:30]) and last.rstrip().endswith(NEEDLE[-30:])
+    assert 0.3 < middle.index("Dolores Park") / len(middle) < 0.7
