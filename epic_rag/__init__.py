@@ -6,7 +6,7 @@ few tokens of each chunk (plus the question) are recomputed.
 """
 
 from .cache import PositionalKVCache
-from .engine import EpicEngine, Generation, PrefillStats, TokenStream, UnknownChunkError
+from .engine import EpicEngine, Generation, PrefillResult, PrefillStats, TokenStream, UnknownChunkError
 from .kv import ChunkKV, rotate_keys
 from .layout import PromptLayout, Segment
 from .model import UnsupportedModelError, check_supported, fingerprint, load_model
@@ -29,6 +29,7 @@ __all__ = [
     "KVStore",
     "OFFLINE_MODELS",
     "PositionalKVCache",
+    "PrefillResult",
     "PrefillStats",
     "PrefixOnly",
     "PromptLayout",

@@ -79,7 +79,9 @@ class Generation:
 
 
 @dataclass
-class _Prefilled:
+class PrefillResult:
+    """A prompt prefilled under one policy: the cache to decode from and the next-token logits."""
+
     cache: PositionalKVCache
     logits: torch.Tensor  # [vocab] next-token logits, float32
     stats: PrefillStats = field(repr=False)
@@ -277,7 +279,7 @@ class EpicEngine:
         )
 
     @torch.inference_mode()
-    def prefill(self, layout: PromptLayout, policy: RecomputePolicy | str, extra_capacity: int = 0) -> _Prefilled:
+    def prefill(self, layout: PromptLayout, policy: RecomputePolicy | str, extra_capacity: int = 0) -> PrefillResult:
         """Link the cached segments and recompute what `policy` selects; next-token logits."""
         policy = parse_policy(policy)
         self._check_length(layout.length, extra_capacity)
@@ -316,7 +318,7 @@ class EpicEngine:
         stats.tokens_recomputed = final.numel()
         stats.tokens_reused = layout.length - int(selected.sum())
         stats.ttft_s = time.perf_counter() - start
-        return _Prefilled(cache, logits, stats)
+        return PrefillResult(cache, logits, stats)
 
     def _attention_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor | None:
         """Additive mask [1, 1, S, length]: a query sees keys at its own position or before."""
