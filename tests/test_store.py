@@ -112,3 +112,14 @@ def test_other_model_never_reads_these_entries(tmp_path):
     assert stats.store_misses == 2 and stats.store_hits == 0
     with pytest.raises(KeyError, match="unknown chunk"):
         b.generate("q?", chunk_ids, max_new_tokens=2)
+
+
+def test_engine_links_half_precision_entries(tmp_path):
+    chunks = ["first chunk of text here.", "second chunk, a bit longer than the first."]
+    exact = tiny_engine(store=KVStore(tmp_path / "fp32"))
+    half = tiny_engine(store=KVStore(tmp_path / "bf16", dtype="bf16"))
+    a = exact.prefill_logits("q?", chunks, policy="reuse")
+    b = half.prefill_logits("q?", chunks, policy="reuse")
+    entry = next(iter(half.store._memory.values()))[1]
+    assert entry.keys.dtype == torch.bfloat16
+    assert 0 < (a - b).abs().max() < 0.05
