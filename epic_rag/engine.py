@@ -202,9 +202,9 @@ class EpicEngine:
         entry = self.store.get(key, self.fingerprint)
         if entry is not None:
             return entry, True
-        entry = self.encode(token_ids)
+        entry = self.store.stored_form(self.encode(token_ids))
         self.store.put(self.fingerprint, entry)
-        return entry, False
+        return entry, False  # as later hits will see it: the first answer is not more exact than the next
 
     def add_chunks(self, texts: Sequence[str], progress: bool | None = None) -> list[str]:
         """Precompute and store the KV of each chunk text; returns their chunk ids ('kv:<hash>')."""

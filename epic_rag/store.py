@@ -95,12 +95,15 @@ class KVStore:
     def put(self, model_fingerprint: str, entry: ChunkKV) -> str:
         """Store `entry` (converted to the storage dtype); returns its key."""
         key = entry_key(model_fingerprint, entry.token_ids)
-        if self.dtype is not None:
-            entry = entry.to(self.dtype)
+        entry = self.stored_form(entry)
         if self.directory is not None:
             self._write(key, model_fingerprint, entry)
         self._remember(key, model_fingerprint, entry)
         return key
+
+    def stored_form(self, entry: ChunkKV) -> ChunkKV:
+        """`entry` as the store keeps and returns it (in the storage dtype)."""
+        return entry.to(self.dtype) if self.dtype is not None else entry
 
     def get(self, key: str, model_fingerprint: str) -> ChunkKV | None:
         """The entry for `key` if present, intact and made by this model; else None (a miss)."""

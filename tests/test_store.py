@@ -119,7 +119,8 @@ def test_engine_links_half_precision_entries(tmp_path):
     exact = tiny_engine(store=KVStore(tmp_path / "fp32"))
     half = tiny_engine(store=KVStore(tmp_path / "bf16", dtype="bf16"))
     a = exact.prefill_logits("q?", chunks, policy="reuse")
-    b = half.prefill_logits("q?", chunks, policy="reuse")
+    b = half.prefill_logits("q?", chunks, policy="reuse")  # misses: computed, then linked as stored
+    assert torch.equal(b, half.prefill_logits("q?", chunks, policy="reuse"))  # hits give the same answer
     entry = next(iter(half.store._memory.values()))[1]
     assert entry.keys.dtype == torch.bfloat16
     assert 0 < (a - b).abs().max() < 0.05
