@@ -73,6 +73,13 @@ def test_teacher_forcing_matches_greedy_decoding(smollm2, essays):
     assert torch.equal(forced.argmax(-1), torch.tensor(ids))
 
 
+def test_method_lists_expand_bare_numbers_into_the_previous_family():
+    assert accuracy.parse_methods("full, attnlink:1,2,16,cacheblend:0.15,0.3,reuse") == [
+        "full", "attnlink:1", "attnlink:2", "attnlink:16", "cacheblend:0.15", "cacheblend:0.3", "reuse"
+    ]
+    assert accuracy.parse_methods("full,reuse") == ["full", "reuse"]
+
+
 def test_kl_divergence_is_zero_for_equal_and_positive_for_different_logits():
     a = torch.tensor([[2.0, 0.0, -1.0]])
     assert kl_divergence(a, a).item() == pytest.approx(0.0, abs=1e-12)

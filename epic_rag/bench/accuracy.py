@@ -205,10 +205,22 @@ def load_engine(args: argparse.Namespace) -> EpicEngine:
     return EpicEngine.from_pretrained(args.model, dtype=dtype, device=args.device)
 
 
+def parse_methods(text: str) -> list[str]:
+    """Comma-separated policy specs; a bare number repeats the previous family with a new
+    argument, so "full,attnlink:1,2,4" means full, attnlink:1, attnlink:2, attnlink:4."""
+    methods: list[str] = []
+    for item in (x.strip() for x in text.split(",")):
+        if item and item.replace(".", "", 1).isdigit() and methods and ":" in methods[-1]:
+            item = f"{methods[-1].split(':')[0]}:{item}"
+        if item:
+            methods.append(item)
+    return methods
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `bench accuracy` and `bench needle`."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, folder or .gguf")
-    parser.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",") if m.strip()], default=list(METHODS))
+    parser.add_argument("--methods", type=parse_methods, default=list(METHODS), help="e.g. full,reuse,attnlink:1,2,16")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-context-tokens", type=int, default=None, help="cap the prompt (default: the model's limit)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
