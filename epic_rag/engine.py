@@ -340,11 +340,13 @@ class EpicEngine:
         policy: RecomputePolicy | None = None,
         layout: PromptLayout | None = None,
         logits: bool = True,
+        every_position: bool = False,
     ):
         """Run `token_ids` at `positions` through every layer against the first `length` cache slots.
 
-        Returns (next-token logits [vocab] float32, positions that reached the last layer),
-        or None when `logits` is False.
+        Returns (next-token logits, positions that reached the last layer), or None when
+        `logits` is False. Logits are [vocab] float32 for the last position, or
+        [S, vocab] for every position with `every_position`.
         """
         inner = self.model.model
         cache.begin(positions, length)
@@ -368,8 +370,33 @@ class EpicEngine:
                 cache.begin(positions, length)
         if not logits:
             return None
-        last = inner.norm(hidden[:, -1:])
-        return self.model.lm_head(last)[0, -1].float().cpu(), positions
+        out = self.model.lm_head(inner.norm(hidden if every_position else hidden[:, -1:]))[0].float().cpu()
+        return (out if every_position else out[-1]), positions
+
+    @torch.inference_mode()
+    def extend(
+        self, prefilled: PrefillResult, token_ids: Sequence[int] | torch.Tensor, at: int | None = None
+    ) -> torch.Tensor:
+        """Run `token_ids` after a prefilled prompt and return the next-token logits at each of
+        them: [n, vocab] float32 (decoding, teacher forcing, scoring).
+
+        They go at position `at` (default: after everything written so far); pass the prompt
+        length to branch again from the prompt, dropping an earlier continuation.
+        """
+        ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
+        start = prefilled.cache.length if at is None else at
+        if not 0 < start <= prefilled.cache.length:
+            raise ValueError(f"cannot extend at position {start}: {prefilled.cache.length} positions are written")
+        if ids.numel() == 0:
+            raise ValueError("nothing to extend with: token_ids is empty")
+        if start + ids.numel() > prefilled.cache.capacity:
+            raise ValueError(
+                f"{ids.numel()} more tokens overflow the cache ({start} used of {prefilled.cache.capacity}); "
+                "prefill with a larger extra_capacity"
+            )
+        positions = torch.arange(start, start + ids.numel())
+        logits, _ = self._forward(prefilled.cache, ids, positions, start + ids.numel(), every_position=True)
+        return logits
 
     def prefill_logits(
         self,
@@ -393,23 +420,20 @@ class EpicEngine:
         token = choose_token(pre.logits, params, generator)
         pre.stats.first_decode_s = time.perf_counter() - t0
         pre.stats.ttft_s += pre.stats.first_decode_s
-        decode_start, length, finish = time.perf_counter(), layout.length, "length"
-        with torch.inference_mode():
-            for step in range(params.max_new_tokens):
-                if token in self.stop_token_ids:
-                    finish = "eos"
-                    break
-                delta = text.add(token)
-                if delta:
-                    yield delta
-                if text.stopped:
-                    finish = "stop"
-                    break
-                if step == params.max_new_tokens - 1:
-                    break
-                logits, _ = self._forward(pre.cache, torch.tensor([token]), torch.tensor([length]), length + 1)
-                length += 1
-                token = choose_token(logits, params, generator)
+        decode_start, finish = time.perf_counter(), "length"
+        for step in range(params.max_new_tokens):
+            if token in self.stop_token_ids:
+                finish = "eos"
+                break
+            delta = text.add(token)
+            if delta:
+                yield delta
+            if text.stopped:
+                finish = "stop"
+                break
+            if step == params.max_new_tokens - 1:
+                break
+            token = choose_token(self.extend(pre, [token])[-1], params, generator)
         tail = text.flush()
         if tail:
             yield tail

@@ -65,9 +65,8 @@ def test_teacher_forcing_matches_greedy_decoding(smollm2, essays):
     chunks = [essays[0][:600], essays[1][:600]]
     layout = smollm2.layout("What is the first essay about?", chunks)
     pre = smollm2.prefill(layout, "full", extra_capacity=9)
-    ids, steps = greedy_decode(smollm2, pre.cache, pre.logits, layout.length, 6)
-    again = smollm2.prefill(layout, "full", extra_capacity=9)
-    forced = teacher_forced_logits(smollm2, again.cache, again.logits, layout.length, ids)
+    ids, steps = greedy_decode(smollm2, pre, layout.length, 6)
+    forced = teacher_forced_logits(smollm2, pre, layout.length, ids)  # branches again from the prompt
     assert forced.shape == (len(ids), pre.logits.numel()) and len(ids) > 1
     assert kl_divergence(torch.stack(steps), forced).max() < 1e-4
     assert torch.equal(forced.argmax(-1), torch.tensor(ids))

@@ -98,3 +98,20 @@ def test_no_chat_template_and_no_bos_layout():
     layout = engine.layout("q", CHUNKS, system="sys")
     assert [s.kind.value for s in layout.segments] == ["prefix", "chunk", "chunk", "chunk", "question"]
     assert layout.chunks[0].start == layout.prefix.end
+
+
+def test_extend_scores_a_continuation_like_decoding():
+    engine = tiny_engine()
+    layout = engine.layout("what?", CHUNKS)
+    out = engine.generate_layout(layout, FullRecompute(), max_new_tokens=5)
+    pre = engine.prefill(layout, FullRecompute(), extra_capacity=5)
+    logits = engine.extend(pre, out.token_ids[:-1])  # teacher forcing the greedy answer
+    assert logits.argmax(-1).tolist() == out.token_ids[1:]
+    with torch.no_grad():
+        ids = torch.cat([layout.ids, torch.tensor(out.token_ids[:-1])])[None]
+        reference = engine.model(input_ids=ids).logits[0, layout.length - 1 :]
+    assert (torch.cat([pre.logits[None], logits]) - reference).abs().max() < 1e-4
+    again = engine.extend(pre, out.token_ids[:2], at=layout.length)  # branch again from the prompt
+    assert torch.allclose(again, logits[:2], atol=1e-5)
+    with pytest.raises(ValueError, match="cannot extend"):
+        engine.extend(pre, [5], at=layout.length + 50)

@@ -43,11 +43,10 @@ SUMMARY_MEANS = ("f1", "rouge_l", "recomputed_fraction", "kl_vs_full", "kl_tf_vs
 def _method_result(engine, layout, policy, record: Record, max_new: int, reference: dict | None) -> tuple[dict, dict]:
     """(saved metrics, in-memory reference data) of one method on one record."""
     pre = engine.prefill(layout, policy, extra_capacity=max_new + 1)
-    first = pre.logits
     tf = None
     if reference is not None:
-        tf = teacher_forced_logits(engine, pre.cache, first, layout.length, reference["ids"])
-    ids, steps = greedy_decode(engine, pre.cache, first, layout.length, max_new)
+        tf = teacher_forced_logits(engine, pre, layout.length, reference["ids"])
+    ids, steps = greedy_decode(engine, pre, layout.length, max_new)
     answer = engine.tokenizer.decode([t for t in ids if t not in engine.stop_token_ids], skip_special_tokens=True)
     answer = answer.strip()
     s = pre.stats
@@ -66,7 +65,7 @@ def _method_result(engine, layout, policy, record: Record, max_new: int, referen
     if reference is None:
         row.update(kl_vs_full=0.0, kl_tf_vs_full=0.0, agree_vs_full=1.0)
         return row, {"ids": ids, "steps": torch.stack(steps), "answer": answer}
-    row["kl_vs_full"] = float(kl_divergence(reference["steps"][0], first))
+    row["kl_vs_full"] = float(kl_divergence(reference["steps"][0], pre.logits))
     row["kl_tf_vs_full"] = float(kl_divergence(reference["steps"], tf).mean())
     row["agree_vs_full"] = float(answer == reference["answer"])
     return row, {}
