@@ -115,3 +115,18 @@ def test_needle_records_place_the_needle_at_each_depth(smollm2):
     first, middle, last = (" ".join(r.chunks) for r in records)
     assert first.startswith(NEEDLE[:30]) and last.rstrip().endswith(NEEDLE[-30:])
     assert 0.3 < middle.index("Dolores Park") / len(middle) < 0.7
+
+
+def test_summary_reports_medians_of_times_and_kl_and_means_of_scores():
+    def row(f1, ttft, kl):
+        return {"f1": f1, "rouge_l": f1, "ttft_s": ttft, "kv_load_s": 0.0, "link_s": 0.0, "recompute_s": ttft,
+                "recomputed_fraction": 0.1, "kl_vs_full": kl, "kl_tf_vs_full": kl, "agree_vs_full": 1.0,
+                "tokens": 100}  # fmt: skip
+
+    full = [row(1.0, 10.0, 0.0), row(0.0, 30.0, 0.0), row(0.5, 20.0, 0.0)]
+    fast = [row(1.0, 1.0, 0.1), row(0.0, 2.0, 0.2), row(0.0, 9.0, 3.0)]
+    summary = accuracy.summarise({"full": full, "attnlink:16": fast})
+    link = summary["attnlink:16"]
+    assert link["n"] == 3 and link["ttft_s"] == 2.0 and link["f1"] == pytest.approx(1 / 3)
+    assert link["kl_vs_full"] == pytest.approx(1.1) and link["kl_vs_full_median"] == 0.2
+    assert link["speedup_vs_full"] == pytest.approx(10.0)

@@ -37,6 +37,7 @@ QUESTION_TEMPLATE = (
 METHODS = ("full", "reuse", "prefix", "cacheblend:0.15") + tuple(f"attnlink:{k}" for k in (1, 2, 4, 8, 16, 32))
 REFERENCE = "full"
 SUMMARY_MEDIANS = ("ttft_s", "kv_load_s", "link_s", "recompute_s")
+SUMMARY_SPREAD = ("kl_vs_full", "kl_tf_vs_full")  # also reported as medians: a few records dominate their means
 SUMMARY_MEANS = ("f1", "rouge_l", "recomputed_fraction", "kl_vs_full", "kl_tf_vs_full", "agree_vs_full", "tokens")
 
 
@@ -102,6 +103,7 @@ def summarise(rows: dict[str, list[dict]]) -> dict[str, dict]:
         summary[spec] = {"n": len(items)}
         summary[spec].update({k: statistics.median(r[k] for r in items) for k in SUMMARY_MEDIANS})
         summary[spec].update({k: statistics.fmean(r[k] for r in items) for k in SUMMARY_MEANS})
+        summary[spec].update({f"{k}_median": statistics.median(r[k] for r in items) for k in SUMMARY_SPREAD})
     full = summary.get(REFERENCE)
     for spec, item in summary.items():
         item["speedup_vs_full"] = full["ttft_s"] / item["ttft_s"] if full else None
