@@ -9,7 +9,8 @@ import torch
 
 from epic_rag.bench import accuracy
 from epic_rag.bench.agreement import greedy_decode, kl_divergence, teacher_forced_logits
-from epic_rag.bench.records import NEEDLE, fit_chunks, make_chunker, needle_records, split_passages
+from epic_rag.bench.needle import fitting_lengths
+from epic_rag.bench.records import NEEDLE, NEEDLE_QUESTION, fit_chunks, make_chunker, needle_records, split_passages
 from epic_rag.cli import main as cli_main
 
 from .conftest import SHARED_DATA
@@ -130,3 +131,15 @@ def test_summary_reports_medians_of_times_and_kl_and_means_of_scores():
     assert link["n"] == 3 and link["ttft_s"] == 2.0 and link["f1"] == pytest.approx(1 / 3)
     assert link["kl_vs_full"] == pytest.approx(1.1) and link["kl_vs_full_median"] == 0.2
     assert link["speedup_vs_full"] == pytest.approx(10.0)
+
+
+def test_needle_lengths_are_lowered_to_what_the_model_takes(smollm2):
+    budget = accuracy.context_budget(smollm2, NEEDLE_QUESTION, 32, None)
+    assert budget < smollm2.max_context
+    lengths = fitting_lengths(smollm2, [1024, smollm2.max_context], budget, 512)
+    assert lengths[0] == 1024 and 1024 < lengths[1] < budget
+    (last,) = needle_records(smollm2, SHARED_DATA / "haystack", lengths[1:], [1.0])
+    assert sum(smollm2.chunk_token_ids(c).numel() for c in last.chunks) <= budget  # the needle at 100% stays in
+    assert last.chunks[-1].rstrip().endswith(NEEDLE[-30:])
+    with pytest.raises(ValueError, match="no haystack fits"):
+        fitting_lengths(smollm2, [1024], 600, 512)

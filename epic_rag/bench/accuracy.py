@@ -72,13 +72,17 @@ def _method_result(engine, layout, policy, record: Record, max_new: int, referen
     return row, {}
 
 
+def context_budget(engine: EpicEngine, question: str, max_new: int, max_context_tokens: int | None) -> int:
+    """Tokens left for chunks once the prompt around them and the answer are counted."""
+    overhead = engine.layout(QUESTION_TEMPLATE.format(question=question), [], SYSTEM).length + max_new + 1
+    return min(max_context_tokens or engine.max_context, engine.max_context) - overhead
+
+
 def evaluate_record(
     engine: EpicEngine, record: Record, methods: list[str], max_new: int, max_context_tokens: int | None, done: dict
 ) -> dict:
     """Metrics of every method in `methods` missing from `done` (method -> metrics) on `record`."""
-    overhead = engine.layout(QUESTION_TEMPLATE.format(question=record.question), [], SYSTEM).length + max_new + 1
-    limit = min(max_context_tokens or engine.max_context, engine.max_context)
-    chunks = fit_chunks(engine, record.chunks, limit - overhead)
+    chunks = fit_chunks(engine, record.chunks, context_budget(engine, record.question, max_new, max_context_tokens))
     t0 = time.perf_counter()
     chunk_ids = engine.add_chunks(chunks, progress=False)
     index_s = time.perf_counter() - t0

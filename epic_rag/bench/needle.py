@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 from ..policies import parse_policy
-from .accuracy import add_common_arguments, format_table, load_engine, run_records
+from .accuracy import add_common_arguments, context_budget, format_table, load_engine, run_records
 from .data import default_data_dir
-from .records import needle_records
+from .records import NEEDLE, NEEDLE_QUESTION, needle_records
 
 DEFAULT_METHODS = ["full", "reuse", "cacheblend:0.15", "attnlink:16"]
 
@@ -44,6 +44,19 @@ def needle_grid(out: Path, methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fitting_lengths(engine, lengths: list[int], budget: int, chunk_tokens: int) -> list[int]:
+    """`lengths` with any longer than `budget` chunk tokens can hold (with the needle and
+    the chunk separators) lowered to the longest haystack that fits."""
+    separators = engine.tokenize(engine.chunk_separator).numel() + 1  # +1: a piece boundary may split a word
+    longest = budget - engine.tokenize(" " + NEEDLE + " ").numel() - separators * -(-budget // chunk_tokens)
+    if longest < min(lengths):
+        raise ValueError(f"no haystack fits: the model takes {budget} context tokens here; lower --lengths")
+    fitted = sorted({min(n, longest) for n in lengths})
+    if fitted[-1] < max(lengths):
+        print(f"context lengths above {longest} tokens do not fit the model with the prompt; using {longest}")
+    return fitted
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--essays", type=Path, default=None, help="folder of .txt essays (default: shared haystack)")
     parser.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="context tokens, e.g. 1024,4096")
@@ -59,7 +72,13 @@ def main(args: argparse.Namespace) -> int:
         parse_policy(m)
     engine = load_engine(args)
     essays = args.essays or default_data_dir() / "haystack"
-    records = needle_records(engine, essays, args.lengths, [d / 100 for d in args.depths], args.chunk_tokens)
+    budget = context_budget(engine, NEEDLE_QUESTION, args.max_new_tokens, args.max_context_tokens)
+    lengths = fitting_lengths(engine, args.lengths, budget, args.chunk_tokens)
+    records = needle_records(engine, essays, lengths, [d / 100 for d in args.depths], args.chunk_tokens)
+    for r in records:  # the harness would drop trailing chunks that overflow, and the needle with them
+        tokens = sum(engine.chunk_token_ids(c).numel() for c in r.chunks)
+        if tokens > budget:
+            raise ValueError(f"{r.id}: {tokens} chunk tokens overflow the {budget} the model leaves; lower --lengths")
     args.chunking = f"fixed:{args.chunk_tokens}"
     result = run_records(args, engine, records, f"needle:{essays.name}")
     grid = needle_grid(Path(args.out), list(dict.fromkeys(args.methods)))

@@ -106,6 +106,17 @@ def storage_costs(engine: EpicEngine, chunk: str) -> list[dict]:
     return rows
 
 
+def _chunks_that_fit(engine: EpicEngine, chunks: list[str]) -> int:
+    """How many leading chunks fit in the model's context with the question and one new token."""
+    budget = engine.max_context - engine.layout(QUESTION, []).length - 1
+    total = 0
+    for n, chunk in enumerate(chunks):
+        total += engine.chunk_token_ids(chunk).numel()
+        if total > budget:
+            return n
+    return len(chunks)
+
+
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,8 +124,8 @@ def run(args: argparse.Namespace) -> dict:
     engine = EpicEngine.from_pretrained(args.model, store_dir=store_dir)
     limit = min(args.max_tokens, engine.max_context)
     sizes = [s for s in args.sizes if s <= limit]
-    n_chunks = max(sizes) // args.chunk_tokens
-    chunks = essay_chunks(engine, n_chunks, args.chunk_tokens, args.essays)
+    chunks = essay_chunks(engine, max(sizes) // args.chunk_tokens, args.chunk_tokens, args.essays)
+    chunks = chunks[: _chunks_that_fit(engine, chunks)]  # the largest size is the model's limit
     tokens = sum(engine.chunk_token_ids(c).numel() for c in chunks)
     start = time.perf_counter()
     engine.add_chunks(chunks, progress=True)

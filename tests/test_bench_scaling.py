@@ -1,0 +1,44 @@
+"""The scaling benchmark end to end on a small context with SmolLM2, plus its context cap."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from epic_rag.bench.data import essay_chunks
+from epic_rag.bench.scaling import _chunks_that_fit
+from epic_rag.bench.ttft import QUESTION
+from epic_rag.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_scaling_writes_rows_costs_and_plot(tmp_path, smollm2):
+    out = tmp_path / "scaling"
+    args = ["bench", "scaling", "--sizes", "512,1024", "--methods", "full,attnlink:16", "--sources", "memory,disk",
+            "--repeats", "1", "--out", str(out)]  # fmt: skip
+    assert cli_main(args) == 0
+    result = json.loads((out / "scaling.json").read_text())
+    cells = {(r["chunks"], r["method"], r["kv_from"]) for r in result["rows"]}
+    assert cells == {(n, "full", "none") for n in (1, 2)} | {(n, "attnlink:16", s) for n in (1, 2) for s in ("memory", "disk")}
+    for row in result["rows"]:
+        assert row["ttft_s"] > 0 and row["peak_rss_mib"] >= row["baseline_rss_mib"] > 0
+    assert result["indexing"]["tokens"] > 1000 and result["indexing"]["tokens_per_s"] > 0
+
+    per_dtype = {r["dtype"]: r for r in result["kv_bytes_per_token"]}
+    kv = smollm2.kv_bytes_per_token  # fp32 K and V of every layer
+    assert per_dtype["fp32"]["memory_bytes_per_token"] == kv + 8  # plus the int64 token id
+    assert per_dtype["bf16"]["memory_bytes_per_token"] == kv // 2 + 8
+    assert all(r["disk_bytes_per_token"] > r["memory_bytes_per_token"] for r in per_dtype.values())  # + header
+    assert "| storage dtype |" in (out / "scaling.md").read_text()
+    assert (out / "scaling.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_largest_context_is_capped_at_what_the_model_takes(smollm2):
+    chunks = essay_chunks(smollm2, 17, 512)
+    n = _chunks_that_fit(smollm2, chunks)
+    assert 12 <= n < 17
+    fitted = smollm2.layout(QUESTION, chunks[:n]).length
+    assert fitted < smollm2.max_context < smollm2.layout(QUESTION, chunks[: n + 1]).length + 1
