@@ -13,6 +13,7 @@ units that a chunk never crosses. `fixed_size_split` is the baseline.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,7 +184,7 @@ class KVSplit:
         if self.separator is None:
             return [(0, len(text))]
         starts = sorted({0} | {m.start() for m in self.separator.finditer(text)})
-        return [(s, e) for s, e in zip(starts, starts[1:] + [len(text)]) if text[s:e].strip()]
+        return [(s, e) for s, e in itertools.pairwise([*starts, len(text)]) if text[s:e].strip()]
 
     def _gap_scores(self, sentences: list[str]) -> np.ndarray:
         """Standardised cut scores for the n-1 gaps (zeros when there is no signal)."""

@@ -27,7 +27,10 @@ def _info(args: argparse.Namespace) -> int:
         engine = EpicEngine.from_pretrained(args.model, store_dir=args.store)
         cfg = engine.model.config
         print(f"model: {args.model}")
-        print(f"  architecture: {cfg.model_type}, {engine.n_layers} layers, {engine.kv_heads} KV heads, head_dim {engine.head_dim}")
+        print(
+            f"  architecture: {cfg.model_type}, {engine.n_layers} layers, "
+            f"{engine.kv_heads} KV heads, head_dim {engine.head_dim}"
+        )
         print(f"  context window: {engine.max_context} tokens; rope type: {engine.rotary.rope_type}")
         print(f"  chat template: {engine.use_chat_template}; fingerprint: {engine.fingerprint[:16]}")
         print(f"  KV bytes per token: {engine.kv_bytes_per_token}")

@@ -274,9 +274,7 @@ class EpicEngine:
 
     # ---- query time --------------------------------------------------------------------------
     def _new_cache(self, capacity: int) -> PositionalKVCache:
-        return PositionalKVCache(
-            self.n_layers, self.kv_heads, self.head_dim, capacity, self.model.dtype, self.device
-        )
+        return PositionalKVCache(self.n_layers, self.kv_heads, self.head_dim, capacity, self.model.dtype, self.device)
 
     @torch.inference_mode()
     def prefill(self, layout: PromptLayout, policy: RecomputePolicy | str, extra_capacity: int = 0) -> PrefillResult:
@@ -323,9 +321,9 @@ class EpicEngine:
     def _attention_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor | None:
         """Additive mask [1, 1, S, length]: a query sees keys at its own position or before."""
         n = positions.numel()
-        if int(positions[-1]) == length - 1 and int(positions[0]) == length - n:
-            if n == 1 or (n == length and self.model.config._attn_implementation == "sdpa"):
-                return None  # one new token, or the whole sequence under SDPA's own causal kernel
+        at_end = int(positions[-1]) == length - 1 and int(positions[0]) == length - n
+        if at_end and (n == 1 or (n == length and self.model.config._attn_implementation == "sdpa")):
+            return None  # one new token, or the whole sequence under SDPA's own causal kernel
         allowed = torch.arange(length, device=self.device)[None, :] <= positions.to(self.device)[:, None]
         mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)
         return mask.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)[None, None]

@@ -11,12 +11,12 @@ and a chunk segment may cover only the leading tokens of its stored entry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     PREFIX = "prefix"
     CHUNK = "chunk"
     TEXT = "text"  # computed text between chunks

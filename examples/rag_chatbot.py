@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from epic_rag import DEFAULT_MODEL
-from epic_rag.offline import cache_dir
 from epic_rag.integrations.llama_index import current_handoff
 from epic_rag.integrations.llama_index.app import MANIFEST, build_index, open_index
+
+from epic_rag import DEFAULT_MODEL
+from epic_rag.offline import cache_dir
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,8 +44,10 @@ def main() -> None:
         handoff = current_handoff()
         call = handoff.calls[0]
         print(f"  sources: {', '.join(n.node.metadata['file_name'] for n in response.source_nodes)}")
-        print(f"  ttft {call.ttft_s:.2f} s, chunks linked {call.chunks_matched}/{call.chunks_handed}, "
-              f"recomputed {call.tokens_recomputed} of {call.tokens_total} tokens")
+        print(
+            f"  ttft {call.ttft_s:.2f} s, chunks linked {call.chunks_matched}/{call.chunks_handed}, "
+            f"recomputed {call.tokens_recomputed} of {call.tokens_total} tokens"
+        )
 
 
 if __name__ == "__main__":

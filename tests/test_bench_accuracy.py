@@ -75,7 +75,13 @@ def test_teacher_forcing_matches_greedy_decoding(smollm2, essays):
 
 def test_method_lists_expand_bare_numbers_into_the_previous_family():
     assert accuracy.parse_methods("full, attnlink:1,2,16,cacheblend:0.15,0.3,reuse") == [
-        "full", "attnlink:1", "attnlink:2", "attnlink:16", "cacheblend:0.15", "cacheblend:0.3", "reuse"
+        "full",
+        "attnlink:1",
+        "attnlink:2",
+        "attnlink:16",
+        "cacheblend:0.15",
+        "cacheblend:0.3",
+        "reuse",
     ]
     assert accuracy.parse_methods("full,reuse") == ["full", "reuse"]
 

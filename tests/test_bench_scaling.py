@@ -22,7 +22,9 @@ def test_scaling_writes_rows_costs_and_plot(tmp_path, smollm2):
     assert cli_main(args) == 0
     result = json.loads((out / "scaling.json").read_text())
     cells = {(r["chunks"], r["method"], r["kv_from"]) for r in result["rows"]}
-    assert cells == {(n, "full", "none") for n in (1, 2)} | {(n, "attnlink:16", s) for n in (1, 2) for s in ("memory", "disk")}
+    assert cells == {(n, "full", "none") for n in (1, 2)} | {
+        (n, "attnlink:16", s) for n in (1, 2) for s in ("memory", "disk")
+    }
     for row in result["rows"]:
         assert row["ttft_s"] > 0 and row["peak_rss_mib"] >= row["baseline_rss_mib"] > 0
     assert result["indexing"]["tokens"] > 1000 and result["indexing"]["tokens_per_s"] > 0

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
 from transformers import AutoTokenizer
 
-from epic_rag.chunking import KVSplit, count_tokens_with, fixed_size_split, load_sentence_encoder, sentence_spans
 from epic_rag.bench.data import default_data_dir
+from epic_rag.chunking import KVSplit, count_tokens_with, fixed_size_split, load_sentence_encoder, sentence_spans
 from epic_rag.model import resolve_model_folder
 
 DATA = default_data_dir()
@@ -33,7 +34,7 @@ def essay() -> str:
 def _check_cover(text: str, chunks) -> None:
     """Chunks are exact, ordered, non-overlapping slices that keep every word."""
     assert all(text[c.start : c.end] == c.text for c in chunks)
-    assert all(a.end <= b.start for a, b in zip(chunks, chunks[1:]))
+    assert all(a.end <= b.start for a, b in itertools.pairwise(chunks))
     assert "".join(c.text for c in chunks).split() == text.split() or " ".join(
         " ".join(c.text.split()) for c in chunks
     ) == " ".join(text.split())
@@ -67,9 +68,9 @@ def test_oversized_sentence_is_cut_within_budget(count):
 def test_custom_separator_starts_every_unit(count):
     passages = [f"Passage {i}: " + f"Topic {i} has fact number {i}. " * 6 for i in range(1, 6)]
     text = "\n".join(passages)
-    chunks = KVSplit(count, target_tokens=400, max_tokens=500, min_tokens=0, embed=None, separator=r"Passage \d+:").split(
-        text
-    )
+    chunks = KVSplit(
+        count, target_tokens=400, max_tokens=500, min_tokens=0, embed=None, separator=r"Passage \d+:"
+    ).split(text)
     assert [c.text.split(":")[0] for c in chunks] == [f"Passage {i}" for i in range(1, 6)]
     assert all(c.text.count("Passage") == 1 for c in chunks)
 

@@ -31,8 +31,9 @@ def index_dir(tmp_path_factory) -> Path:
 
 
 def test_ask_answers_with_sources_and_stats(index_dir):
-    done = epic_rag("ask", "How long does the Skylark S3 battery last?", "--index", str(index_dir),
-                    "--max-new-tokens", "32")
+    done = epic_rag(
+        "ask", "How long does the Skylark S3 battery last?", "--index", str(index_dir), "--max-new-tokens", "32"
+    )
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "sources: skylark_s3.md" in out
@@ -41,8 +42,14 @@ def test_ask_answers_with_sources_and_stats(index_dir):
 
 
 def test_chat_streams_resets_and_quits(index_dir):
-    done = epic_rag("chat", "--index", str(index_dir), "--max-new-tokens", "16",
-                    stdin="What does the Skylark S3 cost?\n/reset\n/quit\n")
+    done = epic_rag(
+        "chat",
+        "--index",
+        str(index_dir),
+        "--max-new-tokens",
+        "16",
+        stdin="What does the Skylark S3 cost?\n/reset\n/quit\n",
+    )
     assert done.returncode == 0, done.stderr
     assert "bot> " in done.stdout and "sources: " in done.stdout and "ttft:" in done.stdout
     assert "(conversation cleared)" in done.stdout

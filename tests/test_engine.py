@@ -38,7 +38,7 @@ def test_decoding_matches_hf_greedy_continuation():
 
 def test_sampling_is_seeded():
     engine = tiny_engine()
-    kw = dict(max_new_tokens=10, temperature=1.5, top_p=0.9)
+    kw = {"max_new_tokens": 10, "temperature": 1.5, "top_p": 0.9}
     a = engine.generate("q", CHUNKS, seed=3, **kw).token_ids
     assert a == engine.generate("q", CHUNKS, seed=3, **kw).token_ids
     others = {tuple(engine.generate("q", CHUNKS, seed=s, **kw).token_ids) for s in range(4, 9)}

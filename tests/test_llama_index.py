@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from epic_rag import EpicEngine, KVStore
 from epic_rag.integrations.llama_index import EpicLLM, current_handoff, last_call
 from epic_rag.integrations.llama_index.app import build_index, open_index
 from epic_rag.integrations.llama_index.handoff import Handoff, llm_text, set_handoff
+
+from epic_rag import EpicEngine, KVStore
 
 pytestmark = pytest.mark.slow
 SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "sample_docs"
@@ -139,7 +139,7 @@ def test_two_asyncio_tasks_never_see_each_others_chunks(app):
     async def both():
         return await asyncio.gather(*(ask(q) for q in QUESTIONS))
 
-    for question, (response, handoff) in zip(QUESTIONS, asyncio.run(both())):
+    for question, (response, handoff) in zip(QUESTIONS, asyncio.run(both()), strict=True):
         assert handoff.query == question
         assert handoff.chunks == _source_texts(response)
         assert handoff.calls and handoff.calls[0].chunks_matched == len(handoff.chunks)

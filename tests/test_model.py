@@ -21,7 +21,11 @@ def test_absolute_positions_refused_with_reason():
     "family, overrides, reason",
     [
         ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}, "dynamic"),
-        ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial rotary"),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+            "partial rotary",
+        ),
         ("qwen2", {"use_sliding_window": True, "sliding_window": 256, "max_window_layers": 0}, "sliding-window"),
     ],
 )

@@ -39,7 +39,11 @@ def test_three_chunk_question_is_answered(smollm2):
 
 def test_attnlink_is_closer_to_full_than_reuse(smollm2, essays):
     """Mean first-token KL over 8 prompts of 4 essay chunks (~256 tokens each)."""
-    questions = ["What is the main argument of the author?", "Summarize the text above.", "Which essay mentions startups?"]
+    questions = [
+        "What is the main argument of the author?",
+        "Summarize the text above.",
+        "Which essay mentions startups?",
+    ]
     kls = {"attnlink": [], "reuse": []}
     for i, start in enumerate(range(0, 40, 5)):
         chunks = [smollm2.tokenizer.decode(smollm2.tokenize(essays[start + j])[:256]) for j in range(4)]

@@ -15,7 +15,11 @@ FP = "f" * 64
 
 def make_entry(n: int = 7, seed: int = 0) -> ChunkKV:
     g = torch.Generator().manual_seed(seed)
-    return ChunkKV(torch.randint(0, 100, (n,), generator=g), torch.randn(3, 2, n, 8, generator=g), torch.randn(3, 2, n, 8, generator=g))
+    return ChunkKV(
+        torch.randint(0, 100, (n,), generator=g),
+        torch.randn(3, 2, n, 8, generator=g),
+        torch.randn(3, 2, n, 8, generator=g),
+    )
 
 
 def test_round_trip_exact_from_disk(tmp_path):

@@ -109,7 +109,7 @@ def summarise(rows: dict[str, list[dict]]) -> dict[str, dict]:
         summary[spec].update({k: statistics.fmean(r[k] for r in items) for k in SUMMARY_MEANS})
         summary[spec].update({f"{k}_median": statistics.median(r[k] for r in items) for k in SUMMARY_SPREAD})
     full = summary.get(REFERENCE)
-    for spec, item in summary.items():
+    for item in summary.values():
         item["speedup_vs_full"] = full["ttft_s"] / item["ttft_s"] if full else None
     return summary
 
@@ -124,8 +124,8 @@ def format_table(result: dict) -> str:
     )
     lines = [
         f"| {spec} | {m['f1'] * 100:.1f} | {m['rouge_l'] * 100:.1f} | {m['ttft_s']:.3f} | "
-        f"{(m['speedup_vs_full'] or float('nan')):.1f}x | {m['recomputed_fraction'] * 100:.1f}% | {m['kl_vs_full']:.3f} | "
-        f"{m['kl_tf_vs_full']:.3f} | {m['agree_vs_full'] * 100:.0f}% |"
+        f"{(m['speedup_vs_full'] or float('nan')):.1f}x | {m['recomputed_fraction'] * 100:.1f}% | "
+        f"{m['kl_vs_full']:.3f} | {m['kl_tf_vs_full']:.3f} | {m['agree_vs_full'] * 100:.0f}% |"
         for spec, m in result["methods"].items()
     ]
     return head + "\n".join(lines) + "\n"
@@ -227,7 +227,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, folder or .gguf")
     parser.add_argument("--methods", type=parse_methods, default=list(METHODS), help="e.g. full,reuse,attnlink:1,2,16")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-context-tokens", type=int, default=None, help="cap the prompt (default: the model's limit)")
+    parser.add_argument(
+        "--max-context-tokens", type=int, default=None, help="cap the prompt (default: the model's limit)"
+    )
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", default="cpu")
 

@@ -59,7 +59,9 @@ def fitting_lengths(engine, lengths: list[int], budget: int, chunk_tokens: int) 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--essays", type=Path, default=None, help="folder of .txt essays (default: shared haystack)")
-    parser.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="context tokens, e.g. 1024,4096")
+    parser.add_argument(
+        "--lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="context tokens, e.g. 1024,4096"
+    )
     parser.add_argument("--depths", type=_ints, default=[0, 25, 50, 75, 100], help="needle depths in percent")
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("bench-needle"), help="output folder (resumable)")

@@ -8,6 +8,7 @@ a context built from plain-text essays, cut into fixed chunks of about 512 token
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -50,7 +51,7 @@ def split_passages(context: str) -> list[str]:
     starts = [m.start() for m in PASSAGE.finditer(context)]
     if not starts or starts[0] != 0:
         starts = [0] + starts
-    pieces = [context[a:b].strip() for a, b in zip(starts, starts[1:] + [len(context)])]
+    pieces = [context[a:b].strip() for a, b in itertools.pairwise([*starts, len(context)])]
     return [p for p in pieces if p]
 
 

@@ -12,8 +12,8 @@ timed prefill so each run reads the safetensors files.
 from __future__ import annotations
 
 import argparse
-import json
 import gc
+import json
 import statistics
 import subprocess
 import sys
@@ -102,7 +102,9 @@ def storage_costs(engine: EpicEngine, chunk: str) -> list[dict]:
             store.put(engine.fingerprint, entry)
             disk = store.stats().disk_bytes
             memory = entry.to(dtype).nbytes
-        rows.append({"dtype": name, "memory_bytes_per_token": memory / len(entry), "disk_bytes_per_token": disk / len(entry)})
+        rows.append(
+            {"dtype": name, "memory_bytes_per_token": memory / len(entry), "disk_bytes_per_token": disk / len(entry)}
+        )
     return rows
 
 

@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> dict:
                 bar.update()
             attn = engine.prefill(layout, AttnLink(16)).stats.tokens_recomputed
             floor = hf_floor_seconds(engine, layout.ids, attn, args.repeats)
-            rows.append({"chunks": n, "tokens": layout.length, "method": "floor", "ttft_s": floor, "tokens_recomputed": attn})
+            rows.append(
+                {"chunks": n, "tokens": layout.length, "method": "floor", "ttft_s": floor, "tokens_recomputed": attn}
+            )
             bar.update()
     for row in rows:
         full = next(r["ttft_s"] for r in rows if r["chunks"] == row["chunks"] and r["method"] == "full")
@@ -112,7 +114,8 @@ def format_table(result: dict) -> str:
         f"model {result['model']} ({result['dtype']}, {result['device']}, {result['threads']} threads), "
         f"KV from {result['kv_from']}, median of {result['repeats']}, "
         f"KV bytes/token {result['kv_bytes_per_token']}\n\n"
-        "| chunks | tokens | method | TTFT s | speed-up vs full | x floor | recomputed | load s | link s | recompute s |\n"
+        "| chunks | tokens | method | TTFT s | speed-up vs full | x floor | recomputed | "
+        "load s | link s | recompute s |\n"
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
@@ -126,15 +129,23 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m-instruct", help=f"built-in name, folder or .gguf (default model: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help=f"built-in name, folder or .gguf (default model: {DEFAULT_MODEL})",
+    )
     parser.add_argument("--chunks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--from-disk", action="store_true", help="serve chunk KV from a disk store, memory tier cleared per run")
-    parser.add_argument("--essays", type=Path, default=None, help="folder of .txt essays (default: shared data haystack)")
+    parser.add_argument(
+        "--from-disk", action="store_true", help="serve chunk KV from a disk store, memory tier cleared per run"
+    )
+    parser.add_argument(
+        "--essays", type=Path, default=None, help="folder of .txt essays (default: shared data haystack)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     parser.set_defaults(func=main)
 

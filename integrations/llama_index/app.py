@@ -84,8 +84,14 @@ def use_settings(llm: EpicLLM, embed: SentenceTransformerEmbedding) -> None:
 class RagApp:
     """An opened index: the engine, its LLM, the postprocessor and the LlamaIndex index."""
 
-    def __init__(self, index: VectorStoreIndex, llm: EpicLLM, embed: SentenceTransformerEmbedding, top_k: int = 3,
-                 order: str = "retrieval") -> None:
+    def __init__(
+        self,
+        index: VectorStoreIndex,
+        llm: EpicLLM,
+        embed: SentenceTransformerEmbedding,
+        top_k: int = 3,
+        order: str = "retrieval",
+    ) -> None:
         self.index, self.llm, self.embed, self.top_k = index, llm, embed, top_k
         self.postprocessor = EpicKVPostprocessor(llm.engine, order=order)
         use_settings(llm, embed)
@@ -146,8 +152,9 @@ def build_index(
         show_progress=show_progress,
     )
     storage.persist(persist_dir=str(index_dir / "storage"))
-    manifest = IndexManifest(model, engine.fingerprint, DEFAULT_EMBED_MODEL, len(docs), len(index.docstore.docs),
-                             parser_kwargs)
+    manifest = IndexManifest(
+        model, engine.fingerprint, DEFAULT_EMBED_MODEL, len(docs), len(index.docstore.docs), parser_kwargs
+    )
     (index_dir / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
     return RagApp(index, llm, embed, **app_kwargs)
 
@@ -155,7 +162,9 @@ def build_index(
 def read_manifest(index_dir: str | Path) -> IndexManifest:
     path = Path(index_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{index_dir} is not an epic-rag index (no {MANIFEST}); build one with `epic-rag index`")
+        raise FileNotFoundError(
+            f"{index_dir} is not an epic-rag index (no {MANIFEST}); build one with `epic-rag index`"
+        )
     return IndexManifest(**json.loads(path.read_text()))
 
 

@@ -60,8 +60,9 @@ def _open(args: argparse.Namespace):
     from .app import open_index, read_manifest
 
     read_manifest(args.index)  # fail on a bad index folder before loading any model
-    return open_index(args.index, model=args.model, policy=args.policy, max_new_tokens=args.max_new_tokens,
-                      top_k=args.top_k)
+    return open_index(
+        args.index, model=args.model, policy=args.policy, max_new_tokens=args.max_new_tokens, top_k=args.top_k
+    )
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -109,7 +110,8 @@ def _chat(args: argparse.Namespace) -> int:
 def _report(source_nodes: list[Any], handoff: Handoff | None) -> str:
     """Sources line and the reuse line: TTFT, cache hits, recomputed tokens."""
     sources = ", ".join(
-        f"{n.node.metadata.get('file_name', n.node.node_id)} ({n.score:.2f})" if n.score is not None
+        f"{n.node.metadata.get('file_name', n.node.node_id)} ({n.score:.2f})"
+        if n.score is not None
         else str(n.node.metadata.get("file_name", n.node.node_id))
         for n in source_nodes
     )

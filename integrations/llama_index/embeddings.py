@@ -27,7 +27,7 @@ class SentenceTransformerEmbedding(BaseEmbedding):
     def __init__(self, model_path: str = "", **kwargs: Any) -> None:
         from sentence_transformers import SentenceTransformer
 
-        kwargs.setdefault("model_name", DEFAULT_EMBED_MODEL if not model_path else model_path)
+        kwargs.setdefault("model_name", model_path or DEFAULT_EMBED_MODEL)
         super().__init__(model_path=model_path, **kwargs)
         self._model = SentenceTransformer(model_path or default_embed_path(), device="cpu", trust_remote_code=False)
 

@@ -38,7 +38,9 @@ class _Span:
     key: str  # store key of the whole entry
 
 
-def tokenize_prompt(engine: EpicEngine, prompt: str, add_special_tokens: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def tokenize_prompt(
+    engine: EpicEngine, prompt: str, add_special_tokens: bool
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """The prompt's token ids and each token's character span."""
     enc = engine.tokenizer(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     return torch.tensor(enc["input_ids"], dtype=torch.int64), [tuple(o) for o in enc["offset_mapping"]]
@@ -101,7 +103,7 @@ def _locate(
 
 def _common_chars(prompt: str, start: int, text: str) -> int:
     n = 0
-    for a, b in zip(prompt[start:], text):
+    for a, b in zip(prompt[start:], text, strict=False):
         if a != b:
             break
         n += 1
