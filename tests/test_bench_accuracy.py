@@ -27,6 +27,7 @@ def _run(out, *extra: str) -> int:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_harness_writes_json_table_and_plot_and_resumes(tmp_path, monkeypatch):
     assert _run(tmp_path) == 0
     result = json.loads((tmp_path / "results.json").read_text())
@@ -55,12 +56,14 @@ def test_harness_writes_json_table_and_plot_and_resumes(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text())["methods"] == result["methods"]
 
 
+@pytest.mark.slow
 def test_harness_refuses_to_mix_settings_in_one_folder(tmp_path, capsys):
     (tmp_path / "settings.json").write_text(json.dumps({"model": "another"}))
     assert _run(tmp_path) == 2
     assert "other settings" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_teacher_forcing_matches_greedy_decoding(smollm2, essays):
     """Teacher forcing full recompute's own answer must give the distributions it decoded from."""
     chunks = [essays[0][:600], essays[1][:600]]
@@ -99,6 +102,7 @@ def test_passages_are_split_at_their_labels():
     assert split_passages("intro\nPassage 1: x") == ["intro", "Passage 1: x"]
 
 
+@pytest.mark.slow
 def test_fit_chunks_keeps_leading_chunks_within_the_budget(smollm2, essays):
     chunks = [essays[i][:800] for i in range(4)]
     sizes = [smollm2.chunk_token_ids(c).numel() for c in chunks]
@@ -108,11 +112,13 @@ def test_fit_chunks_keeps_leading_chunks_within_the_budget(smollm2, essays):
     assert len(cut) == 1 and smollm2.chunk_token_ids(cut[0]).numel() <= 50
 
 
+@pytest.mark.slow
 def test_unknown_chunking_is_refused(smollm2):
     with pytest.raises(ValueError, match="unknown chunking"):
         make_chunker(smollm2, "sentences")
 
 
+@pytest.mark.slow
 def test_needle_records_place_the_needle_at_each_depth(smollm2):
     records = needle_records(smollm2, SHARED_DATA / "haystack", [1024], [0.0, 0.5, 1.0])
     assert [r.meta["depth"] for r in records] == [0.0, 0.5, 1.0]
@@ -139,6 +145,7 @@ def test_summary_reports_medians_of_times_and_kl_and_means_of_scores():
     assert link["speedup_vs_full"] == pytest.approx(10.0)
 
 
+@pytest.mark.slow
 def test_needle_lengths_are_lowered_to_what_the_model_takes(smollm2):
     budget = accuracy.context_budget(smollm2, NEEDLE_QUESTION, 32, None)
     assert budget < smollm2.max_context

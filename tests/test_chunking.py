@@ -12,6 +12,7 @@ from epic_rag.bench.data import default_data_dir
 from epic_rag.chunking import KVSplit, count_tokens_with, fixed_size_split, load_sentence_encoder, sentence_spans
 from epic_rag.model import resolve_model_folder
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 tokenizer and MiniLM encoder
 DATA = default_data_dir()
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
