@@ -13,7 +13,7 @@ from pathlib import Path
 from ..policies import parse_policy
 from .accuracy import add_common_arguments, context_budget, format_table, load_engine, run_records
 from .data import default_data_dir
-from .records import NEEDLE, NEEDLE_QUESTION, needle_records
+from .records import NEEDLE, NEEDLE_QUESTION, fit_chunks, needle_records
 
 DEFAULT_METHODS = ["full", "reuse", "cacheblend:0.15", "attnlink:16"]
 
@@ -78,9 +78,8 @@ def main(args: argparse.Namespace) -> int:
     lengths = fitting_lengths(engine, args.lengths, budget, args.chunk_tokens)
     records = needle_records(engine, essays, lengths, [d / 100 for d in args.depths], args.chunk_tokens)
     for r in records:  # the harness would drop trailing chunks that overflow, and the needle with them
-        tokens = sum(engine.chunk_token_ids(c).numel() for c in r.chunks)
-        if tokens > budget:
-            raise ValueError(f"{r.id}: {tokens} chunk tokens overflow the {budget} the model leaves; lower --lengths")
+        if fit_chunks(engine, r.chunks, budget) != r.chunks:
+            raise ValueError(f"{r.id}: its chunks overflow the {budget} tokens the model leaves; lower --lengths")
     args.chunking = f"fixed:{args.chunk_tokens}"
     result = run_records(args, engine, records, f"needle:{essays.name}")
     grid = needle_grid(Path(args.out), list(dict.fromkeys(args.methods)))

@@ -28,6 +28,7 @@ from ..engine import EpicEngine
 from ..store import STORAGE_DTYPES, KVStore
 from .accuracy import machine
 from .data import essay_chunks
+from .records import fit_chunks
 from .ttft import QUESTION
 
 METHODS = ("full", "cacheblend:0.15", "attnlink:16", "reuse")
@@ -110,13 +111,7 @@ def storage_costs(engine: EpicEngine, chunk: str) -> list[dict]:
 
 def _chunks_that_fit(engine: EpicEngine, chunks: list[str]) -> int:
     """How many leading chunks fit in the model's context with the question and one new token."""
-    budget = engine.max_context - engine.layout(QUESTION, []).length - 1
-    total = 0
-    for n, chunk in enumerate(chunks):
-        total += engine.chunk_token_ids(chunk).numel()
-        if total > budget:
-            return n
-    return len(chunks)
+    return len(fit_chunks(engine, chunks, engine.max_context - engine.layout(QUESTION, []).length - 1))
 
 
 def run(args: argparse.Namespace) -> dict:
