@@ -6,14 +6,28 @@ few tokens of each chunk (plus the question) are recomputed.
 """
 
 from .cache import PositionalKVCache
-from .engine import EpicEngine, Generation, PrefillResult, PrefillStats, TokenStream, UnknownChunkError
+from .engine import EpicEngine
+from .forward import LayerHook, LayerState
 from .kv import ChunkKV, rotate_keys
 from .layout import PromptLayout, Segment
 from .model import UnsupportedModelError, check_supported, fingerprint, load_model
 from .offline import DEFAULT_MODEL, OFFLINE_MODELS
-from .policies import AttnLink, CacheBlend, FullRecompute, FullReuse, PrefixOnly, RecomputePolicy, parse_policy
+from .policies import (
+    DEFAULT_POLICY,
+    AttnLink,
+    CacheBlend,
+    FullRecompute,
+    FullReuse,
+    PrefixOnly,
+    Probe,
+    QueryGuided,
+    RecomputePolicy,
+    parse_policy,
+)
+from .prompt import UnknownChunkError
+from .results import Generation, PrefillResult, PrefillStats, TokenStream
 from .sampling import SamplingParams
-from .store import KVStore, StoreStats
+from .store import DiskBackend, KVBackend, KVStore, MemoryBackend, StoreStats, TieredStore
 
 __version__ = "0.1.0"
 
@@ -22,21 +36,30 @@ __all__ = [
     "CacheBlend",
     "ChunkKV",
     "DEFAULT_MODEL",
+    "DEFAULT_POLICY",
+    "DiskBackend",
     "EpicEngine",
     "FullRecompute",
     "FullReuse",
     "Generation",
+    "KVBackend",
     "KVStore",
+    "LayerHook",
+    "LayerState",
+    "MemoryBackend",
     "OFFLINE_MODELS",
     "PositionalKVCache",
     "PrefillResult",
     "PrefillStats",
     "PrefixOnly",
+    "Probe",
     "PromptLayout",
+    "QueryGuided",
     "RecomputePolicy",
     "SamplingParams",
     "Segment",
     "StoreStats",
+    "TieredStore",
     "TokenStream",
     "UnknownChunkError",
     "UnsupportedModelError",

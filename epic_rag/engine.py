@@ -5,102 +5,35 @@
     out = engine.generate("Who ...?", [ids[3], ids[0]])  # query time: any order, any position
     out.text, out.ttft_s, out.stats
 
-Query time runs in three steps, each timed: load the cached KV of every segment
-the policy does not fully recompute (store), link it into one positional buffer with
-keys re-rotated to their global positions, and run only the selected positions
-through the layers, their fresh K/V overwriting the linked ones at every layer.
+Query time runs in three steps, each timed: load the cached KV of every segment the
+policy does not fully recompute (store), link it into one positional buffer with keys
+re-rotated to their global positions, and run only the positions the policy chooses
+through the layers (`forward`), their fresh K/V overwriting the linked ones.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .cache import PositionalKVCache
+from .decode import Decoding
+from .forward import LayerHook, run_layers
 from .kv import ChunkKV
 from .layout import COMPUTED, PromptLayout, Segment
 from .model import check_supported, fingerprint, load_model, rotary_facts
 from .offline import DEFAULT_MODEL
-from .policies import AttnLink, FullRecompute, RecomputePolicy, parse_policy
-from .sampling import SamplingParams, TextAssembler, choose_token
-from .store import KVStore, entry_key
+from .policies import DEFAULT_POLICY, Probe, RecomputePolicy, parse_policy
+from .prompt import PromptBuilder
+from .results import Generation, PrefillResult, PrefillStats, TokenStream
+from .sampling import SamplingParams
+from .store import KVStore, TieredStore
 
-CHUNK_ID = re.compile(r"^kv:([0-9a-f]{64})$")
-_TEMPLATE_SLOT = "\x00EPIC_RAG_CONTENT\x00"
-
-
-class UnknownChunkError(KeyError):
-    """A chunk id that is not in the KV store."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-@dataclass
-class PrefillStats:
-    """What one query reused, recomputed, and where its time-to-first-token went."""
-
-    policy: str
-    tokens_total: int = 0
-    tokens_reused: int = 0  # positions whose K/V came from the store, never recomputed
-    tokens_recomputed: int = 0  # positions that ran through the last layer
-    chunks: int = 0
-    store_hits: int = 0
-    store_misses: int = 0  # segments computed on the spot because the store lacked them
-    kv_load_s: float = 0.0
-    compile_s: float = 0.0  # time spent computing missing segments
-    link_s: float = 0.0
-    recompute_s: float = 0.0
-    first_decode_s: float = 0.0  # choosing the first token from the logits
-    ttft_s: float = 0.0
-
-    @property
-    def recomputed_fraction(self) -> float:
-        return self.tokens_recomputed / self.tokens_total if self.tokens_total else 0.0
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (stop string), "eos" or "length"
-    stats: PrefillStats
-    decode_s: float = 0.0
-
-    @property
-    def ttft_s(self) -> float:
-        return self.stats.ttft_s
-
-
-@dataclass
-class PrefillResult:
-    """A prompt prefilled under one policy: the cache to decode from and the next-token logits."""
-
-    cache: PositionalKVCache
-    logits: torch.Tensor  # [vocab] next-token logits, float32
-    stats: PrefillStats = field(repr=False)
-
-
-class TokenStream:
-    """Iterates over text deltas as they are generated; `.result` holds the Generation after."""
-
-    def __init__(self, deltas: Iterator[str], box: list) -> None:
-        self._deltas, self._box = deltas, box
-
-    def __iter__(self) -> Iterator[str]:
-        return self._deltas
-
-    @property
-    def result(self) -> Generation:
-        if not self._box:
-            raise RuntimeError("the stream has not finished; iterate over it first")
-        return self._box[0]
+Policy = RecomputePolicy | str
 
 
 class EpicEngine:
@@ -110,7 +43,7 @@ class EpicEngine:
         self,
         model,
         tokenizer,
-        store: KVStore | None = None,
+        store: TieredStore | None = None,
         *,
         chunk_separator: str = "\n\n",
         use_chat_template: bool | None = None,
@@ -121,18 +54,14 @@ class EpicEngine:
         self.rotary = rotary_facts(model)
         self.fingerprint = fingerprint(model)
         self.store = store if store is not None else KVStore()
-        self.chunk_separator = chunk_separator
-        has_template = bool(getattr(tokenizer, "chat_template", None))
-        self.use_chat_template = has_template if use_chat_template is None else use_chat_template
-        if self.use_chat_template and not has_template:
-            raise ValueError("use_chat_template=True but the tokenizer has no chat template")
+        self.store.bind(self.fingerprint)
+        self.prompt = PromptBuilder(tokenizer, self.fingerprint, chunk_separator, use_chat_template)
         cfg = model.config
         self.n_layers = cfg.num_hidden_layers
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.max_context = int(cfg.max_position_embeddings)
-        self.stop_token_ids = self._stop_token_ids()
-        self._known_ids: dict[str, torch.Tensor] = {}
+        self.stop_token_ids = self.prompt.stop_token_ids(getattr(model, "generation_config", None))
 
     @classmethod
     def from_pretrained(
@@ -152,10 +81,17 @@ class EpicEngine:
         store = KVStore(store_dir, memory_budget=memory_budget, dtype=store_dtype)
         return cls(model, tokenizer, store, **engine_kwargs)
 
-    # ---- tokens ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def chunk_separator(self) -> str:
+        return self.prompt.chunk_separator
+
+    @property
+    def use_chat_template(self) -> bool:
+        return self.prompt.use_chat_template
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -163,26 +99,13 @@ class EpicEngine:
         return 2 * self.n_layers * self.kv_heads * self.head_dim * self.model.dtype.itemsize
 
     def tokenize(self, text: str) -> torch.Tensor:
-        """Token ids of `text` alone, no special tokens added: [n] int64."""
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        return self.prompt.tokenize(text)
 
     def chunk_token_ids(self, text: str) -> torch.Tensor:
-        """The ids a chunk is cached and linked with (its text plus the separator)."""
-        if not text or not text.strip():
-            raise ValueError("empty chunk text: drop empty documents or chunks before adding them")
-        return self.tokenize(text + self.chunk_separator)
+        return self.prompt.chunk_token_ids(text)
 
     def key_of(self, token_ids: torch.Tensor) -> str:
-        return entry_key(self.fingerprint, token_ids)
-
-    def _stop_token_ids(self) -> set[int]:
-        ids = set()
-        for source in (getattr(self.model, "generation_config", None), self.tokenizer):
-            eos = getattr(source, "eos_token_id", None)
-            ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>") if t in vocab)
-        return ids
+        return self.prompt.key_of(token_ids)
 
     # ---- compile (index time) ----------------------------------------------------------------
     @torch.inference_mode()
@@ -193,77 +116,44 @@ class EpicEngine:
             raise ValueError("cannot encode an empty token sequence")
         self._check_length(n, 0)
         cache = self._new_cache(n)
-        self._forward(cache, token_ids, torch.arange(n), n, logits=False)
+        run_layers(self.model, cache, token_ids, torch.arange(n), n, logits=None)
         return cache.export(token_ids)
 
-    def _fetch(self, token_ids: torch.Tensor, key: str | None = None) -> tuple[ChunkKV, bool]:
-        """(entry, was_hit): from the store, or computed and stored on a miss."""
-        key = key or self.key_of(token_ids)
-        entry = self.store.get(key, self.fingerprint)
+    def fetch(self, token_ids: torch.Tensor, key: str | None = None) -> tuple[ChunkKV, bool]:
+        """(entry, was_hit): from the store, or computed, stored and returned as stored."""
+        entry = self.store.get(key or self.key_of(token_ids))
         if entry is not None:
             return entry, True
         entry = self.store.stored_form(self.encode(token_ids))
-        self.store.put(self.fingerprint, entry)
+        self.store.put(entry)
         return entry, False  # as later hits will see it: the first answer is not more exact than the next
 
     def add_chunks(self, texts: Sequence[str], progress: bool | None = None) -> list[str]:
         """Precompute and store the KV of each chunk text; returns their chunk ids ('kv:<hash>')."""
         ids = [self.chunk_token_ids(t) for t in texts]
-        show = len(ids) > 1 if progress is None else progress
         out = []
+        show = len(ids) > 1 if progress is None else progress
         for token_ids in tqdm(ids, desc="compiling chunk KV", unit="chunk", disable=not show):
             key = self.key_of(token_ids)
-            if not self.store.contains(key) or self.store.get(key, self.fingerprint) is None:
-                self.store.put(self.fingerprint, self.encode(token_ids))
-            self._known_ids[key] = token_ids
+            self.fetch(token_ids, key)
+            self.prompt.remember(key, token_ids)
             out.append(f"kv:{key}")
         return out
 
-    def _resolve_chunk(self, chunk: str) -> tuple[torch.Tensor, str]:
-        """Chunk text or chunk id -> (token ids, store key)."""
-        match = CHUNK_ID.match(chunk)
-        if match is None:
-            ids = self.chunk_token_ids(chunk)
-            return ids, self.key_of(ids)
-        key = match.group(1)
-        if key in self._known_ids:
-            return self._known_ids[key], key
-        entry = self.store.get(key, self.fingerprint)
-        if entry is None:
-            raise UnknownChunkError(
-                f"unknown chunk {chunk[:19]}...: it is not in the KV store of this model "
-                "(another model, another store folder, or a damaged entry); pass its text or add it again "
-                "with engine.add_chunks([text])"
-            )
-        self._known_ids[key] = entry.token_ids
-        return entry.token_ids, key
+    def _stored_ids(self, key: str) -> torch.Tensor | None:
+        entry = self.store.get(key)
+        return entry.token_ids if entry is not None else None
 
     # ---- prompt layout -----------------------------------------------------------------------
     def layout(self, question: str, chunks: Sequence[str], system: str | None = None) -> PromptLayout:
         """[system + template head][chunks...][question + template tail], each tokenized alone."""
-        if not question or not question.strip():
-            raise ValueError("the question is empty: there is nothing to answer")
-        if self.use_chat_template:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": _TEMPLATE_SLOT}
-            ]
-            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            head, tail = rendered.split(_TEMPLATE_SLOT)
-            return self.layout_from_text(head, chunks, question + tail, add_bos=False)
-        head = system + self.chunk_separator if system else ""
-        return self.layout_from_text(head, chunks, question, add_bos=True)
+        return self.prompt.layout(question, chunks, system, self._stored_ids)
 
     def layout_from_text(
         self, prefix_text: str, chunks: Sequence[str], suffix_text: str, add_bos: bool = False
     ) -> PromptLayout:
         """Layout of an already formatted prompt: prefix text, chunks (text or ids), suffix text."""
-        prefix = self.tokenize(prefix_text) if prefix_text else torch.empty(0, dtype=torch.int64)
-        bos = self.tokenizer.bos_token_id
-        if add_bos and bos is not None and getattr(self.tokenizer, "add_bos_token", True):
-            prefix = torch.cat([torch.tensor([bos]), prefix])
-        resolved = [self._resolve_chunk(c) for c in chunks]
-        prefix_key = self.key_of(prefix) if prefix.numel() else None
-        return PromptLayout.build(prefix, resolved, self.tokenize(suffix_text), prefix_key=prefix_key)
+        return self.prompt.layout_from_text(prefix_text, chunks, suffix_text, self._stored_ids, add_bos)
 
     def _check_length(self, n_prompt: int, n_new: int) -> None:
         if n_prompt + n_new > self.max_context:
@@ -276,31 +166,37 @@ class EpicEngine:
     def _new_cache(self, capacity: int) -> PositionalKVCache:
         return PositionalKVCache(self.n_layers, self.kv_heads, self.head_dim, capacity, self.model.dtype, self.device)
 
+    def _load(self, layout: PromptLayout, skip: torch.Tensor, stats: PrefillStats) -> list[tuple[Segment, ChunkKV]]:
+        """The stored KV of every cached segment not in `skip` ([N] bool), counted and timed."""
+        start, linked = time.perf_counter(), []
+        for seg in layout.segments:
+            if seg.kind in COMPUTED or skip[seg.start : seg.end].all():
+                continue
+            t0 = time.perf_counter()
+            entry, hit = self.fetch(seg.source_ids if seg.source_ids is not None else seg.token_ids, seg.key)
+            linked.append((seg, _leading_part(entry, seg)))
+            stats.store_hits += hit
+            stats.store_misses += not hit
+            stats.compile_s += 0.0 if hit else time.perf_counter() - t0
+        stats.kv_load_s = time.perf_counter() - start - stats.compile_s
+        return linked
+
+    def _run(self, cache: PositionalKVCache, layout: PromptLayout, positions: torch.Tensor, length: int, **kw):
+        return run_layers(self.model, cache, layout.ids[positions], positions, length, **kw)
+
     @torch.inference_mode()
-    def prefill(self, layout: PromptLayout, policy: RecomputePolicy | str, extra_capacity: int = 0) -> PrefillResult:
+    def prefill(self, layout: PromptLayout, policy: Policy = DEFAULT_POLICY, extra_capacity: int = 0) -> PrefillResult:
         """Link the cached segments and recompute what `policy` selects; next-token logits."""
         policy = parse_policy(policy)
         self._check_length(layout.length, extra_capacity)
         stats = PrefillStats(policy=policy.spec, tokens_total=layout.length, chunks=len(layout.chunks))
         start = time.perf_counter()
         positions = policy.select(layout)
-        selected = torch.zeros(layout.length, dtype=torch.bool)
-        selected[positions] = True
-        narrows = policy.check_layer is not None
-        linked: list[tuple[Segment, ChunkKV]] = []
-        for seg in layout.segments:
-            if seg.kind in COMPUTED or (selected[seg.start : seg.end].all() and not narrows):
-                continue
-            t0 = time.perf_counter()
-            entry, hit = self._fetch(seg.token_ids, seg.key)
-            entry = _leading_part(entry, seg)
-            if hit:
-                stats.store_hits += 1
-            else:
-                stats.store_misses += 1
-                stats.compile_s += time.perf_counter() - t0
-            linked.append((seg, entry))
-        stats.kv_load_s = time.perf_counter() - start - stats.compile_s
+        hook = policy.layer_hook(layout)
+        skip = torch.zeros(layout.length, dtype=torch.bool)
+        if hook is None:  # a hook may narrow to any position: then every segment is linked
+            skip[positions] = True
+        linked = self._load(layout, skip, stats)
 
         t0 = time.perf_counter()
         cache = self._new_cache(layout.length + extra_capacity)
@@ -309,67 +205,17 @@ class EpicEngine:
         stats.link_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        logits, final = self._forward(
-            cache, layout.ids[positions], positions, layout.length, policy=policy, layout=layout
-        )
+
+        def probe_run(probed: torch.Tensor, probe_hook: LayerHook) -> None:
+            self._run(cache, layout, probed, layout.length, hook=probe_hook, logits=None)
+
+        positions = policy.refine(layout, positions, Probe(self.n_layers, probe_run))
+        out = self._run(cache, layout, positions, layout.length, hook=hook)
         stats.recompute_s = time.perf_counter() - t0
-        stats.tokens_recomputed = final.numel()
-        stats.tokens_reused = layout.length - int(selected.sum())
+        stats.tokens_recomputed = out.positions.numel()
+        stats.tokens_reused = layout.length - positions.numel()
         stats.ttft_s = time.perf_counter() - start
-        return PrefillResult(cache, logits, stats)
-
-    def _attention_mask(self, positions: torch.Tensor, length: int) -> torch.Tensor | None:
-        """Additive mask [1, 1, S, length]: a query sees keys at its own position or before."""
-        n = positions.numel()
-        at_end = int(positions[-1]) == length - 1 and int(positions[0]) == length - n
-        if at_end and (n == 1 or (n == length and self.model.config._attn_implementation == "sdpa")):
-            return None  # one new token, or the whole sequence under SDPA's own causal kernel
-        allowed = torch.arange(length, device=self.device)[None, :] <= positions.to(self.device)[:, None]
-        mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=self.device)
-        return mask.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)[None, None]
-
-    def _forward(
-        self,
-        cache: PositionalKVCache,
-        token_ids: torch.Tensor,
-        positions: torch.Tensor,
-        length: int,
-        *,
-        policy: RecomputePolicy | None = None,
-        layout: PromptLayout | None = None,
-        logits: bool = True,
-        every_position: bool = False,
-    ):
-        """Run `token_ids` at `positions` through every layer against the first `length` cache slots.
-
-        Returns (next-token logits, positions that reached the last layer), or None when
-        `logits` is False. Logits are [vocab] float32 for the last position, or
-        [S, vocab] for every position with `every_position`.
-        """
-        inner = self.model.model
-        cache.begin(positions, length)
-        hidden = inner.embed_tokens(token_ids.to(self.device)[None])  # [1, S, hidden]
-        pos = positions.to(self.device)[None]  # [1, S]
-        cos, sin = inner.rotary_emb(hidden, pos)  # each [1, S, head_dim]
-        mask = self._attention_mask(positions, length)
-        check_layer = policy.check_layer if policy is not None else None
-        for i, layer in enumerate(inner.layers):
-            if i == check_layer:
-                cached_v = cache.values[i, 0][:, positions].clone()  # [kv_heads, S, head_dim]
-            hidden = layer(hidden, attention_mask=mask, position_ids=pos, cache=cache, position_embeddings=(cos, sin))
-            if i == check_layer:
-                fresh_v = cache.values[i, 0][:, positions]
-                deviation = (fresh_v.float() - cached_v.float()).pow(2).sum(dim=(0, 2))  # [S]
-                keep = policy.narrow(layout, positions, deviation.cpu())
-                positions = positions[keep]
-                keep = keep.to(self.device)
-                hidden, pos, cos, sin = hidden[:, keep], pos[:, keep], cos[:, keep], sin[:, keep]
-                mask = self._attention_mask(positions, length)
-                cache.begin(positions, length)
-        if not logits:
-            return None
-        out = self.model.lm_head(inner.norm(hidden if every_position else hidden[:, -1:]))[0].float().cpu()
-        return (out if every_position else out[-1]), positions
+        return PrefillResult(cache, out.logits, stats, out.positions)
 
     @torch.inference_mode()
     def extend(
@@ -382,68 +228,43 @@ class EpicEngine:
         length to branch again from the prompt, dropping an earlier continuation.
         """
         ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
-        start = prefilled.cache.length if at is None else at
-        if not 0 < start <= prefilled.cache.length:
-            raise ValueError(f"cannot extend at position {start}: {prefilled.cache.length} positions are written")
+        cache = prefilled.cache
+        start = cache.length if at is None else at
+        if not 0 < start <= cache.length:
+            raise ValueError(f"cannot extend at position {start}: {cache.length} positions are written")
         if ids.numel() == 0:
             raise ValueError("nothing to extend with: token_ids is empty")
-        if start + ids.numel() > prefilled.cache.capacity:
+        if start + ids.numel() > cache.capacity:
             raise ValueError(
-                f"{ids.numel()} more tokens overflow the cache ({start} used of {prefilled.cache.capacity}); "
+                f"{ids.numel()} more tokens overflow the cache ({start} used of {cache.capacity}); "
                 "prefill with a larger extra_capacity"
             )
         positions = torch.arange(start, start + ids.numel())
-        logits, _ = self._forward(prefilled.cache, ids, positions, start + ids.numel(), every_position=True)
-        return logits
+        return run_layers(self.model, cache, ids, positions, start + ids.numel(), logits="all").logits
 
     def prefill_logits(
-        self,
-        question: str,
-        chunks: Sequence[str],
-        system: str | None = None,
-        policy: RecomputePolicy | str = FullRecompute(),
+        self, question: str, chunks: Sequence[str], system: str | None = None, policy: Policy = "full"
     ) -> torch.Tensor:
         """Next-token logits ([vocab], float32) after the prompt under `policy`."""
         return self.prefill(self.layout(question, chunks, system), policy).logits
 
     # ---- generation --------------------------------------------------------------------------
-    def _run(self, layout: PromptLayout, policy: RecomputePolicy | str, params: SamplingParams, box: list):
-        """Generator of text deltas; appends the finished Generation to `box`."""
+    def _deltas(self, layout: PromptLayout, policy: Policy, params: SamplingParams, box: list):
+        """Text deltas of one answer; appends the finished Generation to `box`."""
         pre = self.prefill(layout, policy, extra_capacity=params.max_new_tokens)
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
-        text = TextAssembler(self.tokenizer, params.stop)
-        t0 = time.perf_counter()
-        token = choose_token(pre.logits, params, generator)
-        pre.stats.first_decode_s = time.perf_counter() - t0
-        pre.stats.ttft_s += pre.stats.first_decode_s
-        decode_start, finish = time.perf_counter(), "length"
-        for step in range(params.max_new_tokens):
-            if token in self.stop_token_ids:
-                finish = "eos"
-                break
-            delta = text.add(token)
-            if delta:
-                yield delta
-            if text.stopped:
-                finish = "stop"
-                break
-            if step == params.max_new_tokens - 1:
-                break
-            token = choose_token(self.extend(pre, [token])[-1], params, generator)
-        tail = text.flush()
-        if tail:
-            yield tail
-        box.append(Generation(text.text, text.ids, finish, pre.stats, time.perf_counter() - decode_start))
+        decoding = Decoding(
+            pre.logits, lambda token: self.extend(pre, [token])[-1], self.tokenizer, self.stop_token_ids, params
+        )
+        yield from decoding
+        pre.stats.first_decode_s = decoding.first_token_s
+        pre.stats.ttft_s += decoding.first_token_s
+        box.append(Generation(decoding.text, decoding.ids, decoding.finish_reason, pre.stats, decoding.decode_s))
 
-    def stream_layout(
-        self, layout: PromptLayout, policy: RecomputePolicy | str = AttnLink(16), **sampling
-    ) -> TokenStream:
+    def stream_layout(self, layout: PromptLayout, policy: Policy = DEFAULT_POLICY, **sampling) -> TokenStream:
         box: list[Generation] = []
-        return TokenStream(self._run(layout, policy, SamplingParams(**_sampling(sampling)), box), box)
+        return TokenStream(self._deltas(layout, policy, SamplingParams.from_kwargs(**sampling), box), box)
 
-    def generate_layout(self, layout: PromptLayout, policy: RecomputePolicy | str = AttnLink(16), **sampling):
+    def generate_layout(self, layout: PromptLayout, policy: Policy = DEFAULT_POLICY, **sampling) -> Generation:
         stream = self.stream_layout(layout, policy, **sampling)
         for _ in stream:
             pass
@@ -454,7 +275,7 @@ class EpicEngine:
         question: str,
         chunks: Sequence[str],
         system: str | None = None,
-        policy: RecomputePolicy | str = AttnLink(16),
+        policy: Policy = DEFAULT_POLICY,
         **sampling,
     ) -> TokenStream:
         """Like `generate`, but an iterator of text deltas; `.result` is the Generation at the end."""
@@ -465,7 +286,7 @@ class EpicEngine:
         question: str,
         chunks: Sequence[str],
         system: str | None = None,
-        policy: RecomputePolicy | str = AttnLink(16),
+        policy: Policy = DEFAULT_POLICY,
         **sampling,
     ) -> Generation:
         """Answer `question` from `chunks` (texts or chunk ids, in this order).
@@ -482,12 +303,3 @@ def _leading_part(entry: ChunkKV, seg: Segment) -> ChunkKV:
     if len(entry) < n or not torch.equal(entry.token_ids[:n], seg.token_ids):
         raise ValueError(f"the stored entry {seg.key} does not begin with the tokens of its {seg.kind.value} segment")
     return entry.head(n)
-
-
-def _sampling(kwargs: dict) -> dict:
-    stop = kwargs.get("stop")
-    if isinstance(stop, str):
-        kwargs = {**kwargs, "stop": (stop,)}
-    elif stop is not None:
-        kwargs = {**kwargs, "stop": tuple(stop)}
-    return kwargs

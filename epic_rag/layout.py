@@ -32,6 +32,7 @@ class Segment:
     start: int  # global position of the first token
     token_ids: torch.Tensor  # [n] int64
     key: str | None = None  # KV store key of prefix/chunk segments (a chunk may use a leading part of it)
+    source_ids: torch.Tensor | None = None  # [m >= n] the whole stored entry's ids, when it links a leading part
 
     @property
     def end(self) -> int:
@@ -59,21 +60,22 @@ class PromptLayout:
         return cls.from_parts(parts + [(Kind.QUESTION, question, None)])
 
     @classmethod
-    def from_parts(cls, parts: list[tuple[Kind, torch.Tensor, str | None]]) -> PromptLayout:
-        """Place (kind, ids, store key) parts in order: an optional PREFIX first, CHUNK and
-        TEXT parts in any order, and a non-empty QUESTION last. Empty prefix/text parts are dropped."""
-        kinds = [kind for kind, _, _ in parts]
+    def from_parts(cls, parts: list[tuple]) -> PromptLayout:
+        """Place (kind, ids, store key[, source ids]) parts in order: an optional PREFIX first,
+        CHUNK and TEXT parts in any order, and a non-empty QUESTION last. Empty prefix/text
+        parts are dropped. Source ids are the stored entry's when a chunk links its leading part."""
+        kinds = [part[0] for part in parts]
         if not parts or kinds[-1] is not Kind.QUESTION or parts[-1][1].numel() == 0:
             raise ValueError("the question is empty: there is nothing to answer")
         if Kind.QUESTION in kinds[:-1] or Kind.PREFIX in kinds[1:]:
             raise ValueError("a layout holds one prefix (first) and one question (last)")
         segments, start = [], 0
-        for kind, ids, key in parts:
+        for kind, ids, key, *source in parts:
             if ids.numel() == 0 and kind is not Kind.CHUNK:
                 continue
             if ids.numel() == 0:
                 raise ValueError(f"chunk {len(segments)} is empty; drop empty chunks before linking")
-            segments.append(Segment(kind, start, ids.to(torch.int64), key))
+            segments.append(Segment(kind, start, ids.to(torch.int64), key, source[0] if source else None))
             start += ids.numel()
         return cls(tuple(segments), torch.cat([s.token_ids for s in segments]))
 

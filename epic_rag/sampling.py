@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+
+    @classmethod
+    def from_kwargs(cls, stop: str | Sequence[str] | None = None, **kwargs) -> SamplingParams:
+        """Params from keyword arguments; `stop` may be one string or several."""
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return cls(stop=stops, **kwargs)
 
 
 def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -21,11 +21,12 @@ class CharTokenizer:
     def __init__(self, bos: bool = True) -> None:
         self.bos_token_id = 1 if bos else None
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = False) -> dict:
         ids = [4 + ord(c) % 120 for c in text]
+        offsets = [(i, i + 1) for i in range(len(text))]
         if add_special_tokens and self.bos_token_id is not None:
-            ids = [self.bos_token_id] + ids
-        return {"input_ids": ids}
+            ids, offsets = [self.bos_token_id] + ids, [(0, 0)] + offsets
+        return {"input_ids": ids, "offset_mapping": offsets} if return_offsets_mapping else {"input_ids": ids}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return "".join(chr(ord("a") + (i - 4) % 26) for i in ids if i >= 4)

@@ -102,11 +102,13 @@ VOLCANO = (
 
 
 def test_semantic_cut_falls_between_topics(count, encoder):
-    text = BREAD + " " + VOLCANO
+    volcano = VOLCANO + " Lava flows can bury roads and whole villages. Volcanic soil is often very fertile for farming."
+    text = BREAD + " " + volcano
     total = count(text)
-    splitter = KVSplit(count, target_tokens=total // 2, max_tokens=total - 10, min_tokens=10, embed=encoder)
-    chunks = splitter.split(text)
-    assert [c.text for c in chunks] == [BREAD, VOLCANO]
+    budget = dict(target_tokens=total // 2, max_tokens=total - 10, min_tokens=10)
+    assert [c.text for c in KVSplit(count, embed=encoder, **budget).split(text)] == [BREAD, volcano]
+    # the control: the topics are not the same length, so on size alone the cut falls elsewhere
+    assert [c.text for c in KVSplit(count, embed=None, **budget).split(text)] != [BREAD, volcano]
 
 
 def test_deterministic(count, encoder, essay):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from epic_rag.integrations.llama_index import EpicLLM, current_handoff, last_call
 from epic_rag.integrations.llama_index.app import build_index, open_index
-from epic_rag.integrations.llama_index.handoff import Handoff, llm_text, set_handoff
+from epic_rag.integrations.llama_index.handoff import KV_KEY, Handoff, llm_text, set_handoff
+from llama_index.core.schema import MetadataMode
 
 from epic_rag import EpicEngine, KVStore
 
@@ -41,11 +42,11 @@ def test_answer_and_one_hit_per_node_on_second_query(app):
     assert str(first).strip()
     second, handoff = app.ask("What does the Skylark S3 cost?")
     assert str(second).strip()
-    assert handoff.hits == len(second.source_nodes) == 3 and handoff.misses == 0
-    call = handoff.calls[0]
-    assert call.chunks_matched == 3 and call.tokens_reused > 0
-    assert call.tokens_recomputed < call.tokens_total
-    assert call.store_hits >= 3
+    [call] = handoff.calls
+    assert call.chunks_matched == len(second.source_nodes) == 3
+    assert (handoff.hits, handoff.misses) == (call.store_hits, call.store_misses) == (4, 0)  # prefix + 3 chunks
+    assert handoff.keys == [n.node.metadata[KV_KEY] for n in second.source_nodes]
+    assert call.tokens_reused > 0 and call.tokens_recomputed < call.tokens_total
 
 
 def test_full_recompute_matches_plain_generation(app):
@@ -82,7 +83,8 @@ def test_response_modes(app, mode):
     assert str(response).strip()
     assert handoff.calls, "the LLM was not called through the handoff"
     for call in handoff.calls:
-        assert call.store_misses >= call.chunks_unmatched  # unmatched text is computed and counted
+        # every chunk entry was stored at indexing: only a prompt prefix seen for the first time can miss
+        assert call.store_hits >= call.chunks_matched and call.store_misses <= 1
         if call.chunks_matched == 0:
             assert call.tokens_reused == 0
     if mode in ("compact", "tree_summarize"):
@@ -151,11 +153,26 @@ def test_reopened_index_recomputes_no_kv(app, index_dir):
     reopened = open_index(index_dir, engine=engine, max_new_tokens=16)
     response, handoff = reopened.ask(QUESTION)
     assert str(response).strip()
-    assert handoff.misses == 0 and handoff.hits == len(response.source_nodes)
-    assert all(c.store_misses == 0 and c.store_hits >= 1 for c in handoff.calls)
+    assert handoff.misses == 0 and handoff.hits == len(response.source_nodes) + 1  # and the prefix
     assert engine.store.stats().misses == 0
+
+
+def test_a_lost_entry_is_computed_and_counted_as_a_miss(app):
+    response, _ = app.ask(QUESTION)
+    node = response.source_nodes[1].node
+    assert app.engine.store.delete(node.metadata[KV_KEY])
+    again, handoff = app.ask(QUESTION)
+    assert str(again).strip() == str(response).strip()
+    assert handoff.misses == 1 and handoff.hits == len(again.source_nodes)  # prefix + the two others
+
+
+def test_precompute_keys_are_hidden_from_llm_and_embedder(app):
+    for node in list(app.index.docstore.docs.values())[:5]:
+        key = node.metadata[KV_KEY]
+        assert key == app.engine.key_of(app.engine.chunk_token_ids(llm_text(node)))
+        assert key not in llm_text(node) and key not in node.get_content(metadata_mode=MetadataMode.EMBED)
 
 
 def test_index_built_with_another_model_is_refused(index_dir):
     with pytest.raises(ValueError, match="was built with model"):
-        open_index(index_dir, model="qwen2.5-0.5b-instruct")
+        open_index(index_dir, model="qwen2.5-coder-0.5b-instruct")

@@ -76,3 +76,12 @@ def test_conversion_cache_dir_is_overridable(tmp_path, monkeypatch):
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     assert converted_folder("ab" * 32).is_relative_to(tmp_path)
+
+
+def test_builtin_names_and_the_old_alias():
+    from epic_rag.offline import ALIASES, DEFAULT_MODEL, OFFLINE_MODELS, builtin_name
+
+    assert DEFAULT_MODEL == "qwen2.5-coder-0.5b-instruct" and "Coder" in OFFLINE_MODELS[DEFAULT_MODEL].description
+    assert builtin_name("qwen2.5-0.5b-instruct") == DEFAULT_MODEL == ALIASES["qwen2.5-0.5b-instruct"]
+    assert builtin_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert builtin_name("Qwen/Qwen2.5-7B-Instruct") is None  # a hub id stays a hub id

@@ -33,8 +33,10 @@ def test_full_recompute_equals_hf_forward(smollm2):
 def test_three_chunk_question_is_answered(smollm2):
     out = smollm2.generate("Where was Marguerite Olsen born?", FACTS, policy=AttnLink(16), max_new_tokens=24)
     assert "Tromsdal" in out.text
-    assert out.stats.chunks == 3 and out.stats.tokens_reused > 0
-    assert out.finish_reason in ("eos", "length", "stop")
+    layout = smollm2.layout("Where was Marguerite Olsen born?", FACTS)
+    recomputed = sum(min(16, c.token_ids.numel()) for c in layout.chunks) + layout.question.token_ids.numel()
+    assert out.stats.chunks == 3 and out.stats.tokens_recomputed == recomputed
+    assert out.finish_reason == "eos" or len(out.token_ids) == 24
 
 
 def test_attnlink_is_closer_to_full_than_reuse(smollm2, essays):

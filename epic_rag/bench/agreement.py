@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..decode import sample_tokens
+from ..sampling import SamplingParams
+
 
 def greedy_decode(engine, prefilled, prompt_length: int, max_new_tokens: int):
     """(token ids, per-step logits) of the greedy continuation of a prefilled prompt.
@@ -16,15 +19,16 @@ def greedy_decode(engine, prefilled, prompt_length: int, max_new_tokens: int):
     distribution `ids[t]` was chosen from.
     """
     ids: list[int] = []
-    logits = prefilled.logits
-    steps = [logits]
-    for step in range(max_new_tokens):
-        token = int(logits.argmax())
+    steps: list[torch.Tensor] = []
+
+    def extend(token: int) -> torch.Tensor:  # `token` is ids[-1]: it goes right after the ones before it
+        return engine.extend(prefilled, [token], at=prompt_length + len(ids) - 1)[-1]
+
+    for token, logits in sample_tokens(prefilled.logits, extend, SamplingParams(max_new_tokens=max_new_tokens)):
         ids.append(token)
-        if token in engine.stop_token_ids or step == max_new_tokens - 1:
-            break
-        logits = engine.extend(prefilled, [token], at=prompt_length + step)[-1]
         steps.append(logits)
+        if token in engine.stop_token_ids:
+            break
     return ids, steps
 
 

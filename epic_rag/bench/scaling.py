@@ -99,8 +99,8 @@ def storage_costs(engine: EpicEngine, chunk: str) -> list[dict]:
     rows = []
     for name, dtype in STORAGE_DTYPES.items():
         with tempfile.TemporaryDirectory() as tmp:
-            store = KVStore(tmp, dtype=dtype)
-            store.put(engine.fingerprint, entry)
+            store = KVStore(tmp, dtype=dtype, fingerprint=engine.fingerprint)
+            store.put(entry)
             disk = store.stats().disk_bytes
             memory = entry.to(dtype).nbytes
         rows.append(

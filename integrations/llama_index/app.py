@@ -14,7 +14,8 @@ from typing import Any
 
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex, load_index_from_storage
 
-from epic_rag import DEFAULT_MODEL, EpicEngine
+from epic_rag import DEFAULT_MODEL, DEFAULT_POLICY, EpicEngine, RecomputePolicy
+from epic_rag.offline import builtin_name
 
 from .embeddings import DEFAULT_EMBED_MODEL, SentenceTransformerEmbedding
 from .handoff import Handoff, current_handoff
@@ -172,14 +173,14 @@ def open_index(
     index_dir: str | Path,
     model: str | None = None,
     engine: EpicEngine | None = None,
-    policy: str = "attnlink:16",
+    policy: str | RecomputePolicy = DEFAULT_POLICY,
     max_new_tokens: int = 256,
     **app_kwargs: Any,
 ) -> RagApp:
     """Reopen a persisted index with the model that built it (refuses another model)."""
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
-    if model is not None and model != manifest.model:
+    if model is not None and _same_model(model) != _same_model(manifest.model):
         raise ValueError(
             f"index {index_dir} was built with model {manifest.model!r}, not {model!r}: "
             f"ask with --model {manifest.model}, or rebuild it with `epic-rag index ... --model {model}`"
@@ -201,6 +202,11 @@ def open_index(
     )
     index = load_index_from_storage(storage, embed_model=embed)
     return RagApp(index, llm, embed, **app_kwargs)
+
+
+def _same_model(spec: str) -> str:
+    """A model spec with built-in aliases resolved, for comparing what built an index."""
+    return builtin_name(spec) or spec
 
 
 def _faiss_store(embed: SentenceTransformerEmbedding):

@@ -9,7 +9,7 @@ import argparse
 import time
 from typing import Any
 
-from epic_rag import DEFAULT_MODEL
+from epic_rag import DEFAULT_MODEL, DEFAULT_POLICY, parse_policy
 
 from .handoff import Handoff, current_handoff
 
@@ -31,13 +31,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name == "ask":
             p.add_argument("question", help="the question")
         p.add_argument("--index", required=True, metavar="INDEX_DIR", help="an index built by `epic-rag index`")
-        p.add_argument("--policy", default="attnlink:16", help="recompute policy: attnlink:16 (default), full, ...")
+        p.add_argument(
+            "--policy",
+            type=_policy,
+            default=DEFAULT_POLICY,
+            help=f"recompute policy: {DEFAULT_POLICY} (default), guided:16, full, reuse, cacheblend:0.15, ...",
+        )
         p.add_argument("--model", default=None, help="must be the model that built the index (default: that one)")
         p.add_argument("--top-k", type=int, default=3, help="chunks to retrieve (default 3)")
         p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
         if name == "ask":
             p.add_argument("--response-mode", default="compact", choices=RESPONSE_MODES)
         p.set_defaults(func=_ask if name == "ask" else _chat)
+
+
+def _policy(spec: str):
+    """argparse type: a bad policy is refused before any model is loaded."""
+    try:
+        return parse_policy(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _index(args: argparse.Namespace) -> int:

@@ -28,8 +28,8 @@ class CallReport:
     tokens_total: int
     tokens_reused: int
     tokens_recomputed: int
-    store_hits: int
-    store_misses: int
+    store_hits: int  # segments (prefix, chunks) linked from the store
+    store_misses: int  # segments whose KV had to be computed for this call
     ttft_s: float
     policy: str
 
@@ -43,15 +43,31 @@ class Handoff:
     """One query's retrieved chunks (in prompt order) and what happened to them."""
 
     chunks: list[str]  # LLM-mode texts, stripped as the synthesizer strips them
+    keys: list[str | None] = field(default_factory=list)  # each chunk's store key, from its node (or None)
     query: str | None = None
-    hits: int = 0  # chunks whose KV was already in the store
-    misses: int = 0  # chunks computed by the postprocessor
     calls: list[CallReport] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.keys and len(self.keys) != len(self.chunks):
+            raise ValueError(f"{len(self.keys)} store keys for {len(self.chunks)} chunks")
+        self.keys = self.keys or [None] * len(self.chunks)
+
+    @property
+    def hits(self) -> int:
+        """Segments linked from the store, over every LLM call of the query."""
+        return sum(c.store_hits for c in self.calls)
+
+    @property
+    def misses(self) -> int:
+        """Segments whose KV was computed because the store lacked it, over every call."""
+        return sum(c.store_misses for c in self.calls)
 
     @property
     def first_call(self) -> CallReport | None:
         return self.calls[0] if self.calls else None
 
+
+KV_KEY = "epic_rag_kv_key"  # node metadata: the store key of the node's chunk KV (hidden from LLM and embedder)
 
 _current: ContextVar[Handoff | None] = ContextVar("epic_rag_handoff", default=None)
 _locks: weakref.WeakKeyDictionary[EpicEngine, threading.Lock] = weakref.WeakKeyDictionary()
@@ -74,6 +90,11 @@ def engine_lock(engine: EpicEngine) -> threading.Lock:
         if lock is None:
             lock = _locks[engine] = threading.Lock()
         return lock
+
+
+def node_key(node: BaseNode) -> str | None:
+    """The chunk KV store key `EpicKVPrecompute` recorded on a node, if any."""
+    return node.metadata.get(KV_KEY)
 
 
 def llm_text(node: BaseNode) -> str:

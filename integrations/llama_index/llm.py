@@ -2,7 +2,7 @@
 
 Each call finds the chunks the postprocessor handed over (see `handoff`) inside the
 prompt (see `matching`), links their stored KV, and recomputes what the policy
-selects (AttnLink(16) by default). Without a handoff it is plain generation.
+selects (`DEFAULT_POLICY` unless told otherwise). Without a handoff it is plain generation.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from epic_rag import EpicEngine, Generation, parse_policy
+from epic_rag import DEFAULT_POLICY, EpicEngine, Generation, RecomputePolicy, parse_policy
 
 from .handoff import CallReport, Handoff, current_handoff, engine_lock
 from .matching import plan_layout
@@ -44,7 +44,7 @@ class EpicLLM(CustomLLM):
     """LlamaIndex LLM over an `EpicEngine`: cached chunk KV, selective recompute."""
 
     model_name: str = Field(default="epic-rag", description="the engine's model")
-    policy: str = Field(default="attnlink:16", description="recompute policy, e.g. attnlink:16, full, cacheblend:0.15")
+    policy: str = Field(default=DEFAULT_POLICY, description="recompute policy, e.g. attnlink:16, full, cacheblend:0.15")
     max_new_tokens: int = Field(default=256, gt=0)
     temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -52,11 +52,14 @@ class EpicLLM(CustomLLM):
     context_window: int | None = Field(default=None, description="defaults to the model's")
 
     _engine: EpicEngine = PrivateAttr()
+    _policy: RecomputePolicy = PrivateAttr()
 
     def __init__(self, engine: EpicEngine, **kwargs: Any) -> None:
+        """`policy` may be a policy string or a RecomputePolicy; it is parsed here, once."""
         kwargs.setdefault("model_name", getattr(engine.model.config, "_name_or_path", None) or "epic-rag")
-        super().__init__(**kwargs)
-        parse_policy(self.policy)  # fail early on a bad policy
+        policy = parse_policy(kwargs.pop("policy", DEFAULT_POLICY))
+        super().__init__(policy=policy.spec, **kwargs)
+        self._policy = policy
         self._engine = engine
 
     @classmethod
@@ -116,9 +119,10 @@ class EpicLLM(CustomLLM):
             "stop": kwargs.get("stop") or (),
         }
         with engine_lock(engine):
-            chunks = handoff.chunks if handoff is not None else []
-            plan = plan_layout(engine, prompt, chunks, add_special_tokens, handoff.query if handoff else None)
-            stream = engine.stream_layout(plan.layout, kwargs.get("policy", self.policy), **sampling)
+            chunks, keys, query = (handoff.chunks, handoff.keys, handoff.query) if handoff else ([], [], None)
+            plan = plan_layout(engine, prompt, chunks, add_special_tokens, query, keys)
+            policy = parse_policy(kwargs["policy"]) if "policy" in kwargs else self._policy
+            stream = engine.stream_layout(plan.layout, policy, **sampling)
             yield from stream
             result = stream.result
         s = result.stats
@@ -129,7 +133,7 @@ class EpicLLM(CustomLLM):
             tokens_reused=s.tokens_reused,
             tokens_recomputed=s.tokens_recomputed,
             store_hits=s.store_hits,
-            store_misses=s.store_misses + plan.chunks_handed - plan.chunks_matched,
+            store_misses=s.store_misses,
             ttft_s=s.ttft_s,
             policy=s.policy,
         )

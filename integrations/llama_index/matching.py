@@ -36,6 +36,7 @@ class _Span:
     start: int  # token index in the prompt
     ids: torch.Tensor  # the linked tokens (a leading part of the entry's ids)
     key: str  # store key of the whole entry
+    entry_ids: torch.Tensor  # the whole entry's ids (what is compiled if the store lacks it)
 
 
 def tokenize_prompt(
@@ -52,8 +53,11 @@ def plan_layout(
     chunks: list[str],
     add_special_tokens: bool,
     query: str | None = None,
+    keys: list[str | None] | None = None,
 ) -> Plan:
-    """Layout of `prompt` with every handed chunk it contains linked from the store."""
+    """Layout of `prompt` with every handed chunk it contains linked from the store.
+
+    `keys` are the chunks' store keys where known (their ids are then not tokenized again)."""
     ids, offsets = tokenize_prompt(engine, prompt, add_special_tokens)
     if ids.numel() == 0:
         raise ValueError("the prompt is empty: there is nothing to answer")
@@ -63,8 +67,8 @@ def plan_layout(
             token_at.setdefault(s, i)
     spans: list[_Span] = []
     char_cursor, token_cursor = 0, 0
-    for text in chunks:
-        span = _locate(engine, prompt, text, ids, token_at, char_cursor, token_cursor)
+    for text, key in zip(chunks, keys or [None] * len(chunks), strict=True):
+        span = _locate(engine, prompt, text, key, ids, token_at, char_cursor, token_cursor)
         if span is None:
             continue
         spans.append(span)
@@ -77,6 +81,7 @@ def _locate(
     engine: EpicEngine,
     prompt: str,
     text: str,
+    key: str | None,
     ids: torch.Tensor,
     token_at: dict[int, int],
     char_cursor: int,
@@ -91,14 +96,14 @@ def _locate(
     first = token_at.get(start)
     if first is None or first < token_cursor:
         return None
-    entry_ids = engine.chunk_token_ids(text)
+    entry_ids, key = engine.prompt.known_chunk(text, key)
     room = ids.numel() - 1 - first  # the last prompt token always stays computed
     n = min(entry_ids.numel(), room)
     same = (entry_ids[:n] == ids[first : first + n]).long()
     length = int(same.cumprod(0).sum()) if n > 0 else 0
     if length < min(MIN_LINK_TOKENS, entry_ids.numel()):
         return None
-    return _Span(first, entry_ids[:length], engine.key_of(entry_ids))
+    return _Span(first, entry_ids[:length], key, entry_ids)
 
 
 def _common_chars(prompt: str, start: int, text: str) -> int:
@@ -125,7 +130,7 @@ def _layout(
     one_off = bool(query) and query in head_text
     parts = [(Kind.TEXT, head, None) if one_off else (Kind.PREFIX, head, engine.key_of(head) if head.numel() else None)]
     for i, span in enumerate(spans):
-        parts.append((Kind.CHUNK, span.ids, span.key))
+        parts.append((Kind.CHUNK, span.ids, span.key, span.entry_ids))
         end = span.start + span.ids.numel()
         nxt = spans[i + 1].start if i + 1 < len(spans) else ids.numel()
         kind = Kind.TEXT if i + 1 < len(spans) else Kind.QUESTION

@@ -1,9 +1,7 @@
-"""EpicKVPostprocessor: make sure retrieved chunks are cached, order them, hand them to the LLM."""
+"""EpicKVPostprocessor: order the retrieved chunks and hand them, with their store keys, to the LLM."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Any, Literal
 
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
@@ -12,15 +10,15 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from epic_rag import EpicEngine
 
-from .handoff import Handoff, engine_lock, llm_text, set_handoff
+from .handoff import Handoff, llm_text, node_key, set_handoff
 
 Order = Literal["retrieval", "score", "document"]
 
 
 class EpicKVPostprocessor(BaseNodePostprocessor):
-    """Computes the KV of retrieved nodes missing from the store, keeps or sets their order,
-    and puts the ordered chunk texts in this query's handoff. `hits`/`misses` count all queries;
-    `current_handoff()` has this query's counts."""
+    """Keeps or sets the order of the retrieved nodes and puts their chunk texts, with each
+    chunk's store key, in this query's handoff for `EpicLLM`. It loads no KV: the LLM call
+    links what the store has and computes (and counts as misses) what it lacks."""
 
     order: Order = Field(
         default="retrieval",
@@ -28,9 +26,6 @@ class EpicKVPostprocessor(BaseNodePostprocessor):
     )
 
     _engine: EpicEngine = PrivateAttr()
-    _count_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _hits: int = PrivateAttr(default=0)
-    _misses: int = PrivateAttr(default=0)
 
     def __init__(self, engine: EpicEngine, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -39,14 +34,6 @@ class EpicKVPostprocessor(BaseNodePostprocessor):
     @classmethod
     def class_name(cls) -> str:
         return "EpicKVPostprocessor"
-
-    @property
-    def hits(self) -> int:
-        return self._hits
-
-    @property
-    def misses(self) -> int:
-        return self._misses
 
     def _ordered(self, nodes: list[NodeWithScore]) -> list[NodeWithScore]:
         if self.order == "score":
@@ -68,31 +55,24 @@ class EpicKVPostprocessor(BaseNodePostprocessor):
     async def _apostprocess_nodes(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None
     ) -> list[NodeWithScore]:
-        """Compute in a worker thread, but set the handoff in the calling task's own context."""
-        ordered, handoff = await asyncio.to_thread(self._prepare, nodes, query_bundle)
+        """The handoff goes into the calling task's own context (the default runs elsewhere)."""
+        ordered, handoff = self._prepare(nodes, query_bundle)
         set_handoff(handoff)
         return ordered
 
     def _prepare(
         self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None
     ) -> tuple[list[NodeWithScore], Handoff]:
-        """(ordered nodes, this query's handoff), with every missing chunk KV computed and stored."""
+        """(ordered nodes, this query's handoff: their texts and store keys)."""
         ordered = self._ordered(nodes)
-        texts = [t for t in (llm_text(n.node) for n in ordered) if t]
-        engine, hits, misses = self._engine, 0, 0
-        with engine_lock(engine):
-            for text in texts:
-                key = engine.key_of(engine.chunk_token_ids(text))
-                if engine.store.get(key, engine.fingerprint) is not None:
-                    hits += 1
-                else:
-                    engine.add_chunks([text], progress=False)
-                    misses += 1
-        with self._count_lock:
-            self._hits += hits
-            self._misses += misses
+        texts, keys = [], []
+        for n in ordered:
+            text = llm_text(n.node)
+            if text:
+                texts.append(text)
+                keys.append(self._engine.prompt.known_chunk(text, node_key(n.node))[1])
         query = query_bundle.query_str if query_bundle is not None else None
-        return ordered, Handoff(chunks=texts, query=query, hits=hits, misses=misses)
+        return ordered, Handoff(chunks=texts, keys=keys, query=query)
 
 
 def _document_of(node: NodeWithScore) -> str:

@@ -1,9 +1,11 @@
 """EpicKVPrecompute: the indexing hook that stores each node's chunk KV.
 
 It caches each node's text exactly as the synthesizer will put it into the prompt
-(LLM metadata mode, stripped). The KV store stays the source of truth: if an
-ingestion cache skips this step, the postprocessor computes the missing entries at
-query time, so a skip costs time once and never correctness.
+(LLM metadata mode, stripped) and records its store key in the node's metadata, hidden
+from the LLM and the embedder, so the query side never tokenizes it again to find its
+KV. The KV store stays the source of truth: if an ingestion cache skips this step, the
+LLM call computes the missing entries at query time (counted as misses), so a skip
+costs time once and never correctness.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from llama_index.core.schema import BaseNode, TransformComponent
 
 from epic_rag import EpicEngine
 
-from .handoff import engine_lock, llm_text
+from .handoff import KV_KEY, engine_lock, llm_text
 
 
 class EpicKVPrecompute(TransformComponent):
@@ -35,7 +37,13 @@ class EpicKVPrecompute(TransformComponent):
         return "EpicKVPrecompute"
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
-        texts = [t for t in (llm_text(n) for n in nodes) if t]
+        for node in nodes:  # the key rides along in metadata that neither the LLM nor the embedder sees
+            for hidden in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
+                if KV_KEY not in hidden:
+                    hidden.append(KV_KEY)
+        keyed = [(n, t) for n, t in ((n, llm_text(n)) for n in nodes) if t]
         with engine_lock(self._engine):
-            self._engine.add_chunks(texts, progress=self.show_progress and len(texts) > 0)
+            chunk_ids = self._engine.add_chunks([t for _, t in keyed], progress=self.show_progress and bool(keyed))
+        for (node, _), chunk_id in zip(keyed, chunk_ids, strict=True):
+            node.metadata[KV_KEY] = chunk_id.removeprefix("kv:")
         return nodes

@@ -1,0 +1,126 @@
+"""The selective forward: run some token ids at given positions through the decoder layers.
+
+The tokens attend causally to everything the positional cache holds below `length`
+(linked chunks, earlier recomputed tokens) and write their fresh K/V into it at every
+layer. A `LayerHook` sees the state around one layer and may narrow the positions still
+being computed (CacheBlend) or stop the pass (a scoring probe); this is the one place
+where a policy looks inside the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import PositionalKVCache
+
+
+@dataclass
+class LayerState:
+    """What a hook sees around decoder layer `layer`."""
+
+    layer: int
+    module: nn.Module  # the decoder layer
+    hidden: torch.Tensor  # [1, S, hidden]: the layer's input (before) or output (after)
+    positions: torch.Tensor  # [S] int64 global positions being computed, on the CPU
+    cos: torch.Tensor  # [1, S, head_dim] RoPE at `positions`
+    sin: torch.Tensor
+    cache: PositionalKVCache
+    length: int  # keys at positions < length are visible
+
+
+class LayerHook:
+    """Runs around some layers of a selective forward; subclasses override what they need."""
+
+    layers: tuple[int, ...] = ()  # 0-based indices of the layers it runs around
+
+    def before(self, state: LayerState) -> None:
+        """Called with the layer's input, before it runs."""
+
+    def after(self, state: LayerState) -> torch.Tensor | None:
+        """Called with the layer's output: a [S] bool mask of positions to keep computing, or
+        None to keep them all. Keeping none ends the pass (no logits)."""
+        return None
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor | None  # [vocab] for the last position, [S, vocab] for all of them; float32
+    positions: torch.Tensor  # the positions that reached the last layer
+
+
+def attention_mask(model: nn.Module, positions: torch.Tensor, length: int) -> torch.Tensor | None:
+    """Additive mask [1, 1, S, length]: a query sees keys at its own position or before.
+
+    None where the attention kernel's own causal mask is the same thing (one new token,
+    or the whole sequence under SDPA)."""
+    n = positions.numel()
+    at_end = int(positions[-1]) == length - 1 and int(positions[0]) == length - n
+    if at_end and (n == 1 or (n == length and model.config._attn_implementation == "sdpa")):
+        return None
+    device, dtype = model.device, model.dtype
+    allowed = torch.arange(length, device=device)[None, :] <= positions.to(device)[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def run_layers(
+    model: nn.Module,
+    cache: PositionalKVCache,
+    token_ids: torch.Tensor,
+    positions: torch.Tensor,
+    length: int,
+    hook: LayerHook | None = None,
+    logits: str | None = "last",
+) -> ForwardOutput:
+    """Run `token_ids` ([S]) at `positions` ([S], sorted) against the first `length` cache slots.
+
+    `logits`: "last" (next-token logits of the last position), "all" (every position) or
+    None (fill the cache only)."""
+    inner = model.model
+    device = model.device
+    cache.begin(positions, length)
+    hidden = inner.embed_tokens(token_ids.to(device)[None])  # [1, S, hidden]
+    pos = positions.to(device)[None]  # [1, S]
+    cos, sin = inner.rotary_emb(hidden, pos)  # each [1, S, head_dim]
+    mask = attention_mask(model, positions, length)
+    for i, layer in enumerate(inner.layers):
+        hooked = hook is not None and i in hook.layers
+        if hooked:
+            hook.before(LayerState(i, layer, hidden, positions, cos, sin, cache, length))
+        hidden = layer(hidden, attention_mask=mask, position_ids=pos, cache=cache, position_embeddings=(cos, sin))
+        if not hooked:
+            continue
+        keep = hook.after(LayerState(i, layer, hidden, positions, cos, sin, cache, length))
+        if keep is None:
+            continue
+        positions = positions[keep]
+        if positions.numel() == 0:
+            return ForwardOutput(None, positions)
+        keep = keep.to(device)
+        hidden, pos, cos, sin = hidden[:, keep], pos[:, keep], cos[:, keep], sin[:, keep]
+        mask = attention_mask(model, positions, length)
+        cache.begin(positions, length)
+    if logits is None:
+        return ForwardOutput(None, positions)
+    out = model.lm_head(inner.norm(hidden if logits == "all" else hidden[:, -1:]))[0].float().cpu()
+    return ForwardOutput(out if logits == "all" else out[-1], positions)
+
+
+def query_attention(state: LayerState, layer_input: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities of the computed tokens over the visible keys at this layer:
+    [heads, S, length] float32. Call from `after`, with the hidden states `before` saw
+    ([1, S, hidden]): the queries are rebuilt exactly as the layer built them."""
+    attn = state.module.self_attn
+    normed = state.module.input_layernorm(layer_input)
+    q = attn.q_proj(normed).view(1, normed.shape[1], -1, attn.head_dim).transpose(1, 2)  # [1, heads, S, d]
+    cos, sin = state.cos[:, None], state.sin[:, None]  # [1, 1, S, d]
+    half = q.shape[-1] // 2
+    q = q * cos + torch.cat([-q[..., half:], q[..., :half]], dim=-1) * sin
+    keys = state.cache.keys[state.layer, 0, :, : state.length]  # [kv_heads, length, d]
+    keys = keys.repeat_interleave(q.shape[1] // keys.shape[0], dim=0)  # [heads, length, d]
+    scores = (q[0].float() @ keys.float().transpose(1, 2)) * attn.scaling  # [heads, S, length]
+    visible = torch.arange(state.length, device=scores.device)[None, :] <= state.positions.to(scores.device)[:, None]
+    return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)

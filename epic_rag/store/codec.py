@@ -1,0 +1,79 @@
+"""Bytes of one stored entry: the format every persistent tier writes and reads.
+
+An entry is a safetensors blob with tensors ``token_ids``, ``keys`` and ``values``
+and metadata ``format`` (version), ``fingerprint`` (the model that made it) and
+``sha256`` (of the three tensors' bytes, in that order). The checksum catches
+bit flips that still parse; the version lets a later format refuse old bytes
+instead of misreading them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..kv import ChunkKV
+from .keys import entry_key
+
+FORMAT_VERSION = "1"
+
+
+class DamagedEntry(ValueError):
+    """Stored bytes that cannot be trusted as an entry; the message says why."""
+
+
+def encode(entry: ChunkKV, fingerprint: str) -> bytes:
+    """`entry`, made by the model `fingerprint`, as safetensors bytes."""
+    tensors = {
+        "token_ids": entry.token_ids.detach().cpu().contiguous(),  # [n] int64
+        "keys": entry.keys.detach().cpu().contiguous(),  # [layers, kv_heads, n, head_dim]
+        "values": entry.values.detach().cpu().contiguous(),  # [layers, kv_heads, n, head_dim]
+    }
+    metadata = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "sha256": _checksum(tensors)}
+    return st_save(tensors, metadata=metadata)
+
+
+def decode(blob: bytes, key: str | None = None) -> tuple[ChunkKV, str]:
+    """(entry, fingerprint) from `encode` bytes; raises DamagedEntry if they cannot be trusted.
+
+    With `key`, the entry must also be the one that key names, so a file copied or
+    renamed to another key is refused rather than served for the wrong tokens.
+    """
+    try:
+        tensors = st_load(blob)
+        metadata = _metadata(blob)
+        entry = ChunkKV(tensors["token_ids"], tensors["keys"], tensors["values"])
+        checksum = _checksum(tensors)
+    except (SafetensorError, ValueError, KeyError, RuntimeError, struct.error) as err:
+        raise DamagedEntry(f"not a readable entry ({type(err).__name__}: {err})") from err
+    if metadata.get("format") != FORMAT_VERSION:
+        raise DamagedEntry(f"format {metadata.get('format')!r}, expected {FORMAT_VERSION!r}")
+    if metadata.get("sha256") != checksum:
+        raise DamagedEntry("checksum mismatch: the tensor bytes changed after writing")
+    fingerprint = metadata.get("fingerprint")
+    if not fingerprint:
+        raise DamagedEntry("no model fingerprint in the metadata")
+    if key is not None and entry_key(fingerprint, entry.token_ids) != key:
+        raise DamagedEntry("content does not match its key (copied or renamed)")
+    return entry, fingerprint
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the raw bytes of token_ids, keys and values, in that order."""
+    digest = hashlib.sha256()
+    for name in ("token_ids", "keys", "values"):
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors byte string (safetensors' own loader drops it)."""
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + header_len])
+    return header.get("__metadata__") or {}
