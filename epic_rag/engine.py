@@ -207,6 +207,7 @@ class EpicEngine:
         t0 = time.perf_counter()
 
         def probe_run(probed: torch.Tensor, probe_hook: LayerHook) -> None:
+            stats.tokens_probed += probed.numel()
             self._run(cache, layout, probed, layout.length, hook=probe_hook, logits=None)
 
         positions = policy.refine(layout, positions, Probe(self.n_layers, probe_run))

@@ -21,6 +21,7 @@ class PrefillStats:
     tokens_total: int = 0
     tokens_reused: int = 0  # positions whose K/V came from the store, never recomputed
     tokens_recomputed: int = 0  # positions that ran through the last layer
+    tokens_probed: int = 0  # positions a policy ran through the model to choose (e.g. QueryGuided's question pass)
     chunks: int = 0
     store_hits: int = 0
     store_misses: int = 0  # segments computed on the spot because the store lacked them

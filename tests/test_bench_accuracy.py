@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def test_harness_writes_json_table_and_plot_and_resumes(tmp_path, monkeypatch):
 
     table = (tmp_path / "results.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| full") or line.startswith("| attnlink:16")]
-    assert len(rows) == 2 and all(r.count("|") == 10 for r in rows)
+    assert len(rows) == 2 and all(r.count("|") == 11 for r in rows)
     assert (tmp_path / "f1_vs_ttft.png").read_bytes()[:8] == PNG_MAGIC
     assert len(list((tmp_path / "records").glob("*.json"))) == 2
 
@@ -156,3 +157,31 @@ def test_needle_lengths_are_lowered_to_what_the_model_takes(smollm2):
     assert last.chunks[-1].rstrip().endswith(NEEDLE[-30:])
     with pytest.raises(ValueError, match="no haystack fits"):
         fitting_lengths(smollm2, [1024], 600, 512)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_qa_bench_retrieves_from_a_folder_and_scores_every_method(tmp_path):
+    questions = ROOT / "benchmarks" / "qa" / "sample_docs_questions.jsonl"
+    args = ["bench", "qa", "--corpus", str(ROOT / "examples" / "sample_docs"), "--questions", str(questions),
+            "--limit", "2", "--top-k", "3", "--model", "smollm2-135m-instruct", "--methods", "full,guided:16",
+            "--max-new-tokens", "6", "--out", str(tmp_path)]  # fmt: skip
+    assert cli_main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["records"] == 2 and list(result["methods"]) == ["full", "guided:16"]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
+    assert {r["question"] for r in records} == {
+        json.loads(line)["question"] for line in questions.read_text().splitlines()[:2]
+    }
+    for r in records:
+        full = r["methods"]["full"]
+        assert 0.0 <= full["exact"] <= full["f1"] <= 1.0 and r["methods"]["guided:16"]["kl_vs_full"] >= 0.0
+
+
+def test_exact_match_normalises():
+    from epic_rag.bench.scoring import exact_match
+
+    assert exact_match("The three years.", "three years") == 1.0
+    assert exact_match("three-year warranty", "three years") == 0.0

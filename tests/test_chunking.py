@@ -102,7 +102,9 @@ VOLCANO = (
 
 
 def test_semantic_cut_falls_between_topics(count, encoder):
-    volcano = VOLCANO + " Lava flows can bury roads and whole villages. Volcanic soil is often very fertile for farming."
+    volcano = (
+        VOLCANO + " Lava flows can bury roads and whole villages. Volcanic soil is often very fertile for farming."
+    )
     text = BREAD + " " + volcano
     total = count(text)
     budget = dict(target_tokens=total // 2, max_tokens=total - 10, min_tokens=10)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +74,28 @@ def test_clear_errors(tmp_path, index_dir):
     assert other.returncode == 2 and "was built with model" in other.stderr
     noindex = epic_rag("ask", "Anything?", "--index", str(tmp_path / "empty"))
     assert noindex.returncode == 2 and "not an epic-rag index" in noindex.stderr
+
+
+def test_calibrate_records_a_policy_that_ask_then_uses(index_dir, tmp_path):
+    index = tmp_path / "calibrated"
+    shutil.copytree(index_dir, index)  # the other tests keep the uncalibrated index
+    done = epic_rag(
+        "calibrate", "--index", str(index), "--samples", "2", "--policies", "reuse,full", "--max-new-tokens", "4"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| reuse |" in done.stdout and "| full (recommended) |" in done.stdout  # full is 0 KL from itself
+    manifest = json.loads((index / "epic_rag_index.json").read_text())
+    assert manifest["policy"] == "full" and [s["policy"] for s in manifest["calibration"]["scores"]] == [
+        "reuse",
+        "full",
+    ]
+    asked = epic_rag("ask", "What does the Skylark S3 cost?", "--index", str(index), "--max-new-tokens", "8")
+    assert asked.returncode == 0, asked.stderr
+    assert "policy: full" in asked.stdout
+    told = epic_rag("ask", "What does it cost?", "--index", str(index), "--max-new-tokens", "4", "--policy", "reuse")
+    assert "policy: reuse" in told.stdout
+
+
+def test_a_bad_policy_is_refused_before_the_model_loads(index_dir):
+    done = epic_rag("ask", "Anything?", "--index", str(index_dir), "--policy", "fastest")
+    assert done.returncode == 2 and "unknown policy 'fastest'" in done.stderr

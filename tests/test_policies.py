@@ -214,6 +214,7 @@ def test_guided_picks_the_tokens_the_question_attends_to(layers):
     top = rest[scores[rest].topk(n_top).indices]
     assert torch.equal(result.recomputed, torch.cat([sinks, top, layout.question.positions()]).sort().values)
     assert result.stats.tokens_recomputed == budget
+    assert result.stats.tokens_probed == layout.question.token_ids.numel()  # the scoring pass, counted apart
 
 
 @pytest.mark.parametrize(
@@ -242,3 +243,16 @@ def test_parse_policy_round_trip(spec, policy):
 def test_parse_policy_rejects_with_help(bad):
     with pytest.raises(ValueError, match="policy"):
         parse_policy(bad)
+
+
+def test_recommend_prefers_the_closest_policy_within_the_time_bound():
+    from epic_rag.calibration import PolicyScore, recommend
+
+    def score(policy, kl_tf, ttft):
+        return PolicyScore(policy, kl_first=kl_tf, kl_teacher_forced=kl_tf, agree=0.5, ttft_s=ttft, recomputed=0.1,
+                           samples=3)  # fmt: skip
+
+    scores = [score("attnlink:16", 0.2, 1.0), score("guided:16", 0.1, 1.4), score("cacheblend:0.15", 0.05, 4.0)]
+    assert recommend(scores) == "guided:16"  # CacheBlend is closer but 4x slower than AttnLink(16)
+    assert recommend(scores, max_slowdown=5) == "cacheblend:0.15"
+    assert recommend([score("reuse", 0.3, 0.5), score("full", 0.0, 9.0)]) == "full"  # no AttnLink: no bound

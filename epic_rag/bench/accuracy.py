@@ -27,7 +27,7 @@ from ..offline import DEFAULT_MODEL
 from ..policies import parse_policy
 from .agreement import greedy_decode, kl_divergence, teacher_forced_logits
 from .records import CHUNKINGS, Record, fit_chunks, longbench_records, make_chunker
-from .scoring import best_over_golds, rouge_l, token_f1
+from .scoring import best_over_golds, exact_match, rouge_l, token_f1
 
 SYSTEM = "Answer the question based on the given passages. Only give me the answer and do not output any other words."
 QUESTION_TEMPLATE = (
@@ -38,7 +38,16 @@ METHODS = ("full", "reuse", "prefix", "cacheblend:0.15") + tuple(f"attnlink:{k}"
 REFERENCE = "full"
 SUMMARY_MEDIANS = ("ttft_s", "kv_load_s", "link_s", "recompute_s")
 SUMMARY_SPREAD = ("kl_vs_full", "kl_tf_vs_full")  # also reported as medians: a few records dominate their means
-SUMMARY_MEANS = ("f1", "rouge_l", "recomputed_fraction", "kl_vs_full", "kl_tf_vs_full", "agree_vs_full", "tokens")
+SUMMARY_MEANS = (
+    "exact",
+    "f1",
+    "rouge_l",
+    "recomputed_fraction",
+    "kl_vs_full",
+    "kl_tf_vs_full",
+    "agree_vs_full",
+    "tokens",
+)
 
 
 def _method_result(engine, layout, policy, record: Record, max_new: int, reference: dict | None) -> tuple[dict, dict]:
@@ -53,6 +62,7 @@ def _method_result(engine, layout, policy, record: Record, max_new: int, referen
     s = pre.stats
     row = {
         "answer": answer,
+        "exact": best_over_golds(exact_match, answer, record.answers),
         "f1": best_over_golds(token_f1, answer, record.answers),
         "rouge_l": best_over_golds(rouge_l, answer, record.answers),
         "ttft_s": s.ttft_s,
@@ -106,7 +116,8 @@ def summarise(rows: dict[str, list[dict]]) -> dict[str, dict]:
     for spec, items in rows.items():
         summary[spec] = {"n": len(items)}
         summary[spec].update({k: statistics.median(r[k] for r in items) for k in SUMMARY_MEDIANS})
-        summary[spec].update({k: statistics.fmean(r[k] for r in items) for k in SUMMARY_MEANS})
+        # records saved before a metric existed lack it: the mean is over those that have it
+        summary[spec].update({k: _mean([r[k] for r in items if k in r]) for k in SUMMARY_MEANS})
         summary[spec].update({f"{k}_median": statistics.median(r[k] for r in items) for k in SUMMARY_SPREAD})
     full = summary.get(REFERENCE)
     for item in summary.values():
@@ -114,16 +125,20 @@ def summarise(rows: dict[str, list[dict]]) -> dict[str, dict]:
     return summary
 
 
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
 def format_table(result: dict) -> str:
     """Markdown table of the summary, one row per method."""
     head = (
         f"model {result['model']} ({result['dtype']}, {result['machine']}), {result['records']} records of "
         f"{result['data']}, chunking {result['chunking']}, mean {result['mean_tokens']:.0f} prompt tokens\n\n"
-        "| method | F1 | Rouge-L | TTFT s (median) | speed-up vs full | recomputed | KL first token | "
-        "KL teacher-forced | agree with full |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| method | EM | F1 | Rouge-L | TTFT s (median) | speed-up vs full | recomputed | KL first token | "
+        "KL teacher-forced | agree with full |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = [
-        f"| {spec} | {m['f1'] * 100:.1f} | {m['rouge_l'] * 100:.1f} | {m['ttft_s']:.3f} | "
+        f"| {spec} | {m['exact'] * 100:.1f} | {m['f1'] * 100:.1f} | {m['rouge_l'] * 100:.1f} | {m['ttft_s']:.3f} | "
         f"{(m['speedup_vs_full'] or float('nan')):.1f}x | {m['recomputed_fraction'] * 100:.1f}% | "
         f"{m['kl_vs_full']:.3f} | {m['kl_tf_vs_full']:.3f} | {m['agree_vs_full'] * 100:.0f}% |"
         for spec, m in result["methods"].items()
@@ -222,11 +237,13 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `bench accuracy` and `bench needle`."""
+def add_common_arguments(
+    parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS, max_new_tokens: int = 32
+) -> None:
+    """Options shared by `bench accuracy`, `bench qa` and `bench needle`."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, folder or .gguf")
-    parser.add_argument("--methods", type=parse_methods, default=list(METHODS), help="e.g. full,reuse,attnlink:1,2,16")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--methods", type=parse_methods, default=list(methods), help=f"default {','.join(methods)}")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument(
         "--max-context-tokens", type=int, default=None, help="cap the prompt (default: the model's limit)"
     )

@@ -8,6 +8,7 @@ def register(subparsers) -> None:
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     from .accuracy import add_arguments as accuracy_args
     from .needle import add_arguments as needle_args
+    from .qa import add_arguments as qa_args
     from .scaling import add_arguments as scaling_args
     from .ttft import add_arguments as ttft_args
 
@@ -15,6 +16,8 @@ def register(subparsers) -> None:
     ttft_args(ttft)
     accuracy = kinds.add_parser("accuracy", help="F1, TTFT and agreement with full recompute per method (resumable)")
     accuracy_args(accuracy)
+    qa = kinds.add_parser("qa", help="questions over a documents folder: retrieval, then every method (resumable)")
+    qa_args(qa)
     needle = kinds.add_parser("needle", help="needle in a haystack of essays: depth x context length per method")
     needle_args(needle)
     scaling = kinds.add_parser("scaling", help="TTFT and peak memory as the context grows; indexing cost")

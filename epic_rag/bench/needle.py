@@ -15,7 +15,7 @@ from .accuracy import add_common_arguments, context_budget, format_table, load_e
 from .data import default_data_dir
 from .records import NEEDLE, NEEDLE_QUESTION, fit_chunks, needle_records
 
-DEFAULT_METHODS = ["full", "reuse", "cacheblend:0.15", "attnlink:16"]
+DEFAULT_METHODS = ("full", "reuse", "cacheblend:0.15", "attnlink:16", "guided:16")
 
 
 def _ints(text: str) -> list[int]:
@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=_ints, default=[0, 25, 50, 75, 100], help="needle depths in percent")
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("bench-needle"), help="output folder (resumable)")
-    add_common_arguments(parser)
-    parser.set_defaults(func=main, methods=DEFAULT_METHODS)
+    add_common_arguments(parser, DEFAULT_METHODS)
+    parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -21,6 +21,11 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def exact_match(prediction: str, gold: str) -> float:
+    """1.0 when the normalised answers are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
 def token_f1(prediction: str, gold: str) -> float:
     """Harmonic mean of token precision and recall after normalisation."""
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()

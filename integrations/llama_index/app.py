@@ -8,6 +8,11 @@ Reopening it loads both; the KV of every node is already in ``kv/``.
 from __future__ import annotations
 
 import json
+import os
+import random
+import re
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,10 +20,11 @@ from typing import Any
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex, load_index_from_storage
 
 from epic_rag import DEFAULT_MODEL, DEFAULT_POLICY, EpicEngine, RecomputePolicy
+from epic_rag.calibration import CANDIDATES, PolicyScore, Sample, calibrate, recommend
 from epic_rag.offline import builtin_name
 
 from .embeddings import DEFAULT_EMBED_MODEL, SentenceTransformerEmbedding
-from .handoff import Handoff, current_handoff
+from .handoff import Handoff, current_handoff, llm_text
 from .llm import EpicLLM
 from .node_parser import KVSplitNodeParser
 from .postprocessor import EpicKVPostprocessor
@@ -30,7 +36,7 @@ SKIP_DIRS = {".git", "__pycache__", ".ipynb_checkpoints"}
 
 @dataclass
 class IndexManifest:
-    """What built an index folder: checked when it is reopened."""
+    """What built an index folder (checked when it is reopened) and the policy calibrated on it."""
 
     model: str
     fingerprint: str
@@ -38,6 +44,14 @@ class IndexManifest:
     documents: int
     nodes: int
     chunking: dict[str, Any] = field(default_factory=dict)
+    policy: str | None = None  # recommended by `epic-rag calibrate`; used unless a policy is given
+    calibration: dict[str, Any] = field(default_factory=dict)  # what the recommendation rests on
+
+    def write(self, index_dir: str | Path) -> None:
+        path = Path(index_dir) / MANIFEST
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
 
 
 def read_documents(docs_dir: str | Path) -> list[Document]:
@@ -156,7 +170,7 @@ def build_index(
     manifest = IndexManifest(
         model, engine.fingerprint, DEFAULT_EMBED_MODEL, len(docs), len(index.docstore.docs), parser_kwargs
     )
-    (index_dir / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2))
+    manifest.write(index_dir)
     return RagApp(index, llm, embed, **app_kwargs)
 
 
@@ -173,11 +187,14 @@ def open_index(
     index_dir: str | Path,
     model: str | None = None,
     engine: EpicEngine | None = None,
-    policy: str | RecomputePolicy = DEFAULT_POLICY,
+    policy: str | RecomputePolicy | None = None,
     max_new_tokens: int = 256,
     **app_kwargs: Any,
 ) -> RagApp:
-    """Reopen a persisted index with the model that built it (refuses another model)."""
+    """Reopen a persisted index with the model that built it (refuses another model).
+
+    The policy is `policy` when given, else the one `epic-rag calibrate` recorded for this
+    index, else `DEFAULT_POLICY`."""
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
     if model is not None and _same_model(model) != _same_model(manifest.model):
@@ -194,6 +211,7 @@ def open_index(
     from llama_index.vector_stores.faiss import FaissVectorStore
 
     embed = SentenceTransformerEmbedding()
+    policy = policy or manifest.policy or DEFAULT_POLICY
     llm = EpicLLM(engine, model_name=manifest.model, policy=policy, max_new_tokens=max_new_tokens)
     use_settings(llm, embed)
     storage_dir = str(index_dir / "storage")
@@ -202,6 +220,55 @@ def open_index(
     )
     index = load_index_from_storage(storage, embed_model=embed)
     return RagApp(index, llm, embed, **app_kwargs)
+
+
+def calibration_samples(app: RagApp, n: int, seed: int = 0) -> list[Sample]:
+    """`n` questions written from random chunks of the index, each with the chunks the app's
+    retriever returns for it (in retrieval order): chunk sets as real queries meet them."""
+    rng = random.Random(seed)
+    nodes = sorted(app.index.docstore.docs.values(), key=lambda n: n.node_id)
+    retriever = app.index.as_retriever(similarity_top_k=app.top_k)
+    samples = []
+    for node in rng.sample(nodes, min(n, len(nodes))):
+        question = question_from(node.get_content(), rng)
+        texts = [t for t in (llm_text(r.node) for r in retriever.retrieve(question)) if t]
+        samples.append(Sample(question, texts))
+    return samples
+
+
+def question_from(text: str, rng: random.Random) -> str:
+    """A question about one sentence of `text`: "What does the text say about <its first words>?"."""
+    sentences = [s.split() for s in re.split(r"(?<=[.!?])\s+", text)]
+    long = [s for s in sentences if len(s) >= 6] or [text.split()]
+    words = " ".join(w.strip(".,;:!?()[]\"'") for w in rng.choice(long)[:8])
+    return f"What does the text say about {words}?"
+
+
+def calibrate_index(
+    index_dir: str | Path,
+    samples: int = 12,
+    candidates: Sequence[str] = CANDIDATES,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    engine: EpicEngine | None = None,
+) -> tuple[list[PolicyScore], str]:
+    """Measure `candidates` on chunk sets of this index and record the recommended policy in
+    its manifest; returns (scores, recommended)."""
+    app = open_index(index_dir, engine=engine)
+    scores = calibrate(app.engine, calibration_samples(app, samples, seed), candidates, max_new_tokens=max_new_tokens)
+    best = recommend(scores)
+    manifest = read_manifest(index_dir)
+    manifest.policy = best
+    manifest.calibration = {
+        "rule": "lowest teacher-forced KL to full recompute at <= 1.5x AttnLink(16)'s TTFT",
+        "samples": samples,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "scores": [s.as_dict() for s in scores],
+    }
+    manifest.write(index_dir)
+    return scores, best
 
 
 def _same_model(spec: str) -> str:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from epic_rag import DEFAULT_MODEL, DEFAULT_POLICY, parse_policy
+from epic_rag.calibration import CANDIDATES
 
 from .handoff import Handoff, current_handoff
 
@@ -34,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--policy",
             type=_policy,
-            default=DEFAULT_POLICY,
-            help=f"recompute policy: {DEFAULT_POLICY} (default), guided:16, full, reuse, cacheblend:0.15, ...",
+            default=None,
+            help="recompute policy, e.g. attnlink:16, guided:16, full, reuse, cacheblend:0.15 (default: the one "
+            f"`epic-rag calibrate` recorded for the index, else {DEFAULT_POLICY})",
         )
         p.add_argument("--model", default=None, help="must be the model that built the index (default: that one)")
         p.add_argument("--top-k", type=int, default=3, help="chunks to retrieve (default 3)")
@@ -43,6 +45,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name == "ask":
             p.add_argument("--response-mode", default="compact", choices=RESPONSE_MODES)
         p.set_defaults(func=_ask if name == "ask" else _chat)
+    register_calibrate(subparsers)
+
+
+def register_calibrate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "calibrate", help="measure recompute policies on an index's own chunks and record the best in it"
+    )
+    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="an index built by `epic-rag index`")
+    p.add_argument("--samples", type=int, default=12, help="questions to sample from the index (default 12)")
+    p.add_argument(
+        "--policies",
+        type=lambda s: [_policy(x).spec for x in s.split(",") if x.strip()],
+        default=list(CANDIDATES),
+        help=f"candidates, comma-separated (default {','.join(CANDIDATES)})",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer tokens compared per sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from epic_rag.calibration import format_scores
+
+    from .app import MANIFEST, calibrate_index, read_manifest
+
+    read_manifest(args.index)  # fail on a bad index folder before loading any model
+    scores, best = calibrate_index(
+        args.index, samples=args.samples, candidates=args.policies, max_new_tokens=args.max_new_tokens, seed=args.seed
+    )
+    print(format_scores(scores, best))
+    print(f"\nrecommended: {best} (recorded in {args.index}/{MANIFEST}; ask, chat and open_index now use it)")
+    return 0
 
 
 def _policy(spec: str):
