@@ -38,6 +38,21 @@ class PositionalKVCache:
         rotate_keys_into(self.keys[:, 0, :, offset : offset + n], chunk.keys, inv_freq, offset)
         self.values[:, 0, :, offset : offset + n].copy_(chunk.values)
 
+    def positions_after(self, n: int, at: int | None = None) -> torch.Tensor:
+        """Positions for `n` more tokens from `at` (default: after everything written): [n] int64.
+        Starting before the end drops what was written after `at` (a branch)."""
+        start = self.length if at is None else at
+        if not 0 < start <= self.length:
+            raise ValueError(f"cannot extend at position {start}: {self.length} positions are written")
+        if n == 0:
+            raise ValueError("nothing to extend with: token_ids is empty")
+        if start + n > self.capacity:
+            raise ValueError(
+                f"{n} more tokens overflow the cache ({start} used of {self.capacity}); "
+                "prefill with a larger extra_capacity"
+            )
+        return torch.arange(start, start + n)
+
     def begin(self, positions: torch.Tensor, length: int) -> None:
         """Announce the positions the next forward writes and how far attention may look."""
         if length > self.capacity:

@@ -174,7 +174,7 @@ class EpicEngine:
                 continue
             t0 = time.perf_counter()
             entry, hit = self.fetch(seg.source_ids if seg.source_ids is not None else seg.token_ids, seg.key)
-            linked.append((seg, _leading_part(entry, seg)))
+            linked.append((seg, entry.covering(seg.token_ids, seg.key)))
             stats.store_hits += hit
             stats.store_misses += not hit
             stats.compile_s += 0.0 if hit else time.perf_counter() - t0
@@ -229,19 +229,8 @@ class EpicEngine:
         length to branch again from the prompt, dropping an earlier continuation.
         """
         ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1)
-        cache = prefilled.cache
-        start = cache.length if at is None else at
-        if not 0 < start <= cache.length:
-            raise ValueError(f"cannot extend at position {start}: {cache.length} positions are written")
-        if ids.numel() == 0:
-            raise ValueError("nothing to extend with: token_ids is empty")
-        if start + ids.numel() > cache.capacity:
-            raise ValueError(
-                f"{ids.numel()} more tokens overflow the cache ({start} used of {cache.capacity}); "
-                "prefill with a larger extra_capacity"
-            )
-        positions = torch.arange(start, start + ids.numel())
-        return run_layers(self.model, cache, ids, positions, start + ids.numel(), logits="all").logits
+        positions = prefilled.cache.positions_after(ids.numel(), at)
+        return run_layers(self.model, prefilled.cache, ids, positions, int(positions[-1]) + 1, logits="all").logits
 
     def prefill_logits(
         self, question: str, chunks: Sequence[str], system: str | None = None, policy: Policy = "full"
@@ -296,11 +285,3 @@ class EpicEngine:
         seed=None, stop=() (strings that end the answer, not included in it).
         """
         return self.generate_layout(self.layout(question, chunks, system), policy, **sampling)
-
-
-def _leading_part(entry: ChunkKV, seg: Segment) -> ChunkKV:
-    """The part of a stored entry that `seg` covers: all of it, or its leading tokens."""
-    n = seg.token_ids.numel()
-    if len(entry) < n or not torch.equal(entry.token_ids[:n], seg.token_ids):
-        raise ValueError(f"the stored entry {seg.key} does not begin with the tokens of its {seg.kind.value} segment")
-    return entry.head(n)

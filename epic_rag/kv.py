@@ -42,6 +42,14 @@ class ChunkKV:
             return self
         return ChunkKV(self.token_ids[:n], self.keys[:, :, :n], self.values[:, :, :n])
 
+    def covering(self, token_ids: torch.Tensor, key: str | None = None) -> ChunkKV:
+        """The leading part of this entry that holds `token_ids` (all of it, or its first tokens);
+        an error when the entry does not begin with them (a mismatched store entry)."""
+        n = token_ids.numel()
+        if len(self) < n or not torch.equal(self.token_ids[:n], token_ids):
+            raise ValueError(f"the stored entry {key} does not begin with the tokens it is linked for")
+        return self.head(n)
+
     def to(self, dtype: torch.dtype) -> ChunkKV:
         """The same entry with K/V in `dtype` (ids stay int64)."""
         if self.keys.dtype == dtype:

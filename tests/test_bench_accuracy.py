@@ -45,7 +45,7 @@ def test_harness_writes_json_table_and_plot_and_resumes(tmp_path, monkeypatch):
 
     table = (tmp_path / "results.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| full") or line.startswith("| attnlink:16")]
-    assert len(rows) == 2 and all(r.count("|") == 11 for r in rows)
+    assert len(rows) == 2 and all(r.count("|") == 12 for r in rows)
     assert (tmp_path / "f1_vs_ttft.png").read_bytes()[:8] == PNG_MAGIC
     assert len(list((tmp_path / "records").glob("*.json"))) == 2
 
@@ -180,8 +180,11 @@ def test_qa_bench_retrieves_from_a_folder_and_scores_every_method(tmp_path):
         assert 0.0 <= full["exact"] <= full["f1"] <= 1.0 and r["methods"]["guided:16"]["kl_vs_full"] >= 0.0
 
 
-def test_exact_match_normalises():
-    from epic_rag.bench.scoring import exact_match
+def test_exact_match_and_contained_answers_normalise():
+    from epic_rag.bench.scoring import contains_answer, exact_match
 
     assert exact_match("The three years.", "three years") == 1.0
     assert exact_match("three-year warranty", "three years") == 0.0
+    assert contains_answer("Every buoy has a three-year warranty.", "three-year") == 1.0
+    assert contains_answer("It costs 14,500 euros.", "1,200 euros") == 0.0
+    assert contains_answer("in 2011", "201") == 0.0  # whole words only

@@ -26,6 +26,12 @@ def exact_match(prediction: str, gold: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
+def contains_answer(prediction: str, gold: str) -> float:
+    """1.0 when the normalised gold answer appears, on word boundaries, in the normalised prediction."""
+    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    return float(bool(ref) and f" {ref} " in f" {pred} ")
+
+
 def token_f1(prediction: str, gold: str) -> float:
     """Harmonic mean of token precision and recall after normalisation."""
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
