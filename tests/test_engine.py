@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epic_rag import AttnLink, FullRecompute, KVStore, UnknownChunkError
+from epic_rag import AttnLink, EpicEngine, FullRecompute, KVStore, UnknownChunkError, parse_policy
 from epic_rag.policies import FullReuse
 
-from .conftest import tiny_engine
+from .conftest import CharTokenizer, tiny_engine
 
 CHUNKS = ["Chunk about apples and pears.", "Chunk about trains.", "Chunk about the sea."]
 
@@ -121,3 +121,16 @@ def test_extend_scores_a_continuation_like_decoding():
     assert torch.allclose(again, logits[:2], atol=1e-5)
     with pytest.raises(ValueError, match="cannot extend"):
         engine.extend(pre, [5], at=layout.length + 50)
+
+
+def test_the_default_policy_answers_calls_that_name_none():
+    from epic_rag import DEFAULT_POLICY
+    from epic_rag.offline import OFFLINE_MODELS, builtin_policy
+
+    assert tiny_engine().generate("q", CHUNKS, max_new_tokens=1).stats.policy == DEFAULT_POLICY
+    engine = EpicEngine(tiny_engine().model, CharTokenizer(), default_policy="reuse")
+    assert engine.generate("q", CHUNKS, max_new_tokens=1).stats.policy == "reuse"
+    assert engine.prefill(engine.layout("q", CHUNKS), "full").stats.policy == "full"  # a named one wins
+    for name, entry in OFFLINE_MODELS.items():
+        assert builtin_policy(name) == entry.policy and parse_policy(entry.policy).spec == entry.policy
+    assert builtin_policy("some/hub-model") is None

@@ -28,7 +28,7 @@ QUESTION = (
     "Based only on the essays above, which essay argues most directly about how people should choose "
     "what to work on, and what reason does its author give?"
 )
-METHODS = ("full", "prefix", "cacheblend:0.15", "attnlink:16", "reuse")
+METHODS = ("full", "prefix", "cacheblend:0.15", "attnlink:16", "guided:16", "reuse")
 
 
 def hf_floor_seconds(engine: EpicEngine, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:

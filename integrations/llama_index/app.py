@@ -19,7 +19,7 @@ from typing import Any
 
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex, load_index_from_storage
 
-from epic_rag import DEFAULT_MODEL, DEFAULT_POLICY, EpicEngine, RecomputePolicy
+from epic_rag import DEFAULT_MODEL, EpicEngine, RecomputePolicy
 from epic_rag.calibration import CANDIDATES, PolicyScore, Sample, calibrate, recommend
 from epic_rag.offline import builtin_name
 
@@ -194,7 +194,7 @@ def open_index(
     """Reopen a persisted index with the model that built it (refuses another model).
 
     The policy is `policy` when given, else the one `epic-rag calibrate` recorded for this
-    index, else `DEFAULT_POLICY`."""
+    index, else the engine's default policy."""
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
     if model is not None and _same_model(model) != _same_model(manifest.model):
@@ -211,7 +211,7 @@ def open_index(
     from llama_index.vector_stores.faiss import FaissVectorStore
 
     embed = SentenceTransformerEmbedding()
-    policy = policy or manifest.policy or DEFAULT_POLICY
+    policy = policy or manifest.policy or engine.default_policy
     llm = EpicLLM(engine, model_name=manifest.model, policy=policy, max_new_tokens=max_new_tokens)
     use_settings(llm, embed)
     storage_dir = str(index_dir / "storage")

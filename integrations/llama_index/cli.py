@@ -9,7 +9,7 @@ import argparse
 import time
 from typing import Any
 
-from epic_rag import DEFAULT_MODEL, DEFAULT_POLICY, parse_policy
+from epic_rag import DEFAULT_MODEL, parse_policy
 from epic_rag.calibration import CANDIDATES
 
 from .handoff import Handoff, current_handoff
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             type=_policy,
             default=None,
             help="recompute policy, e.g. attnlink:16, guided:16, full, reuse, cacheblend:0.15 (default: the one "
-            f"`epic-rag calibrate` recorded for the index, else {DEFAULT_POLICY})",
+            "`epic-rag calibrate` recorded for the index, else the model's default, shown by `epic-rag info`)",
         )
         p.add_argument("--model", default=None, help="must be the model that built the index (default: that one)")
         p.add_argument("--top-k", type=int, default=3, help="chunks to retrieve (default 3)")

@@ -2,7 +2,7 @@
 
 Each call finds the chunks the postprocessor handed over (see `handoff`) inside the
 prompt (see `matching`), links their stored KV, and recomputes what the policy
-selects (`DEFAULT_POLICY` unless told otherwise). Without a handoff it is plain generation.
+selects (the engine's default policy unless told otherwise). Without a handoff it is plain generation.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class EpicLLM(CustomLLM):
     """LlamaIndex LLM over an `EpicEngine`: cached chunk KV, selective recompute."""
 
     model_name: str = Field(default="epic-rag", description="the engine's model")
-    policy: str = Field(default=DEFAULT_POLICY, description="recompute policy, e.g. attnlink:16, full, cacheblend:0.15")
+    policy: str = Field(default=DEFAULT_POLICY, description="recompute policy, e.g. attnlink:16, guided:16, full")
     max_new_tokens: int = Field(default=256, gt=0)
     temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -55,9 +55,10 @@ class EpicLLM(CustomLLM):
     _policy: RecomputePolicy = PrivateAttr()
 
     def __init__(self, engine: EpicEngine, **kwargs: Any) -> None:
-        """`policy` may be a policy string or a RecomputePolicy; it is parsed here, once."""
+        """`policy` may be a policy string or a RecomputePolicy (default: the engine's default
+        policy); it is parsed here, once."""
         kwargs.setdefault("model_name", getattr(engine.model.config, "_name_or_path", None) or "epic-rag")
-        policy = parse_policy(kwargs.pop("policy", DEFAULT_POLICY))
+        policy = parse_policy(kwargs.pop("policy", None) or engine.default_policy)
         super().__init__(policy=policy.spec, **kwargs)
         self._policy = policy
         self._engine = engine
