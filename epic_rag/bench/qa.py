@@ -2,8 +2,8 @@
 
 The corpus (the `.txt` and `.md` files directly in a folder) is cut with KVSplit into
 the same chunks `epic-rag index` makes, each headed by its file name as LlamaIndex heads
-a node; every chunk is compiled once (index time). For each question the top-k chunks by
-MiniLM cosine similarity are linked in score order and each method answers; the
+a node. For each question the top-k chunks by MiniLM cosine similarity are compiled if
+new (index time, not in TTFT) and linked in score order, and each method answers; the
 accuracy harness scores it against the references and against full recompute.
 """
 
@@ -57,7 +57,6 @@ def qa_records(engine, args: argparse.Namespace) -> list[Record]:
         if not {"question", "answers"} <= row.keys():
             raise ValueError(f"{args.questions}: question {i} needs 'question' and 'answers'")
     chunks = corpus_chunks(engine, args.corpus, args.target_tokens, args.max_tokens, args.min_tokens)
-    engine.add_chunks(chunks, progress=True)
     top = retrieve(chunks, [r["question"] for r in rows], args.top_k)
     return [
         Record(
