@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .bench.agreement import greedy_decode, kl_divergence, teacher_forced_logits
+from .bench.agreement import against_reference, greedy_decode
 from .policies import parse_policy
 
 REFERENCE = "full"
@@ -49,11 +49,10 @@ class PolicyScore:
 
 def _compare(engine, layout, policy, reference: dict, max_new: int) -> dict:
     pre = engine.prefill(layout, policy, extra_capacity=max_new + 1)
-    forced = teacher_forced_logits(engine, pre, layout.length, reference["ids"])
-    ids, _ = greedy_decode(engine, pre, layout.length, max_new)
+    ids, kl_first, kl_tf = against_reference(engine, pre, layout.length, max_new, reference)
     return {
-        "kl_first": float(kl_divergence(reference["steps"][0], pre.logits)),
-        "kl_tf": float(kl_divergence(reference["steps"], forced).mean()),
+        "kl_first": kl_first,
+        "kl_tf": kl_tf,
         "agree": float(ids == reference["ids"]),
         "ttft_s": pre.stats.ttft_s,
         "recomputed": pre.stats.recomputed_fraction,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..engine import EpicEngine
 from ..offline import DEFAULT_MODEL
 from ..policies import parse_policy
-from .agreement import greedy_decode, kl_divergence, teacher_forced_logits
+from .agreement import against_reference, greedy_decode
 from .records import CHUNKINGS, Record, fit_chunks, longbench_records, make_chunker
 from .scoring import best_over_golds, contains_answer, exact_match, rouge_l, token_f1
 
@@ -54,10 +54,10 @@ SUMMARY_MEANS = (
 def _method_result(engine, layout, policy, record: Record, max_new: int, reference: dict | None) -> tuple[dict, dict]:
     """(saved metrics, in-memory reference data) of one method on one record."""
     pre = engine.prefill(layout, policy, extra_capacity=max_new + 1)
-    tf = None
-    if reference is not None:
-        tf = teacher_forced_logits(engine, pre, layout.length, reference["ids"])
-    ids, steps = greedy_decode(engine, pre, layout.length, max_new)
+    if reference is None:
+        ids, steps = greedy_decode(engine, pre, layout.length, max_new)
+    else:
+        ids, kl_first, kl_tf = against_reference(engine, pre, layout.length, max_new, reference)
     answer = engine.tokenizer.decode([t for t in ids if t not in engine.stop_token_ids], skip_special_tokens=True)
     answer = answer.strip()
     s = pre.stats
@@ -76,8 +76,7 @@ def _method_result(engine, layout, policy, record: Record, max_new: int, referen
     if reference is None:
         row.update(kl_vs_full=0.0, kl_tf_vs_full=0.0, agree_vs_full=1.0)
         return row, {"ids": ids, "steps": torch.stack(steps), "answer": answer}
-    row["kl_vs_full"] = float(kl_divergence(reference["steps"][0], pre.logits))
-    row["kl_tf_vs_full"] = float(kl_divergence(reference["steps"], tf).mean())
+    row["kl_vs_full"], row["kl_tf_vs_full"] = kl_first, kl_tf
     row["agree_vs_full"] = float(answer == reference["answer"])
     return row, {}
 

@@ -45,3 +45,12 @@ def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     ref_log = torch.log_softmax(reference.double(), dim=-1)
     other_log = torch.log_softmax(other.double(), dim=-1)
     return (ref_log.exp() * (ref_log - other_log)).sum(-1)
+
+
+def against_reference(engine, prefilled, prompt_length: int, max_new_tokens: int, reference: dict):
+    """(greedy ids, first-token KL, mean teacher-forced KL) of a prefilled prompt against a
+    reference answer {"ids", "steps": [n, vocab] logits it was chosen from}."""
+    forced = teacher_forced_logits(engine, prefilled, prompt_length, reference["ids"])
+    ids, _ = greedy_decode(engine, prefilled, prompt_length, max_new_tokens)
+    first = float(kl_divergence(reference["steps"][0], prefilled.logits))
+    return ids, first, float(kl_divergence(reference["steps"], forced).mean())
