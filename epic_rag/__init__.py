@@ -22,9 +22,11 @@ from .policies import (
     Probe,
     QueryGuided,
     RecomputePolicy,
+    Rescaled,
     parse_policy,
 )
 from .prompt import UnknownChunkError
+from .rescale import AttentionRescale
 from .results import Generation, PrefillResult, PrefillStats, TokenStream
 from .sampling import SamplingParams
 from .store import DiskBackend, KVBackend, KVStore, MemoryBackend, StoreStats, TieredStore
@@ -32,6 +34,7 @@ from .store import DiskBackend, KVBackend, KVStore, MemoryBackend, StoreStats, T
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionRescale",
     "AttnLink",
     "CacheBlend",
     "ChunkKV",
@@ -56,6 +59,7 @@ __all__ = [
     "PromptLayout",
     "QueryGuided",
     "RecomputePolicy",
+    "Rescaled",
     "SamplingParams",
     "Segment",
     "StoreStats",

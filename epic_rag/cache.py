@@ -1,7 +1,8 @@
 """The linked KV buffer: full-length per-layer K/V written by position.
 
 Linked chunks fill their slots, recomputed tokens overwrite theirs at every layer
-before attention, and decoding appends. The decoder layers of the HF model call
+before attention, and decoding appends. The cache remembers, per layer, which slots
+still hold linked (reused) K/V, which attention rescaling needs. The decoder layers of the HF model call
 `update` with the fresh K/V of the tokens being run (the same duck-typed contract as
 transformers' `Cache.update`), and attend over everything written so far.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .kv import ChunkKV, rotate_keys_into
+from .rescale import AttentionRescale
 
 
 class PositionalKVCache:
@@ -23,6 +25,8 @@ class PositionalKVCache:
         # keys/values: [layers, batch=1, kv_heads, capacity, head_dim]
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.linked = torch.zeros(n_layers, capacity, dtype=torch.bool, device=device)  # slot holds reused K/V
+        self.rescale: AttentionRescale | None = None  # applied to attention over linked slots
         self.length = 0  # positions < length are visible to attention
         self._write: torch.Tensor | slice = slice(0, 0)
 
@@ -37,6 +41,7 @@ class PositionalKVCache:
             raise ValueError(f"chunk of {n} tokens at {offset} overflows a cache of {self.capacity}")
         rotate_keys_into(self.keys[:, 0, :, offset : offset + n], chunk.keys, inv_freq, offset)
         self.values[:, 0, :, offset : offset + n].copy_(chunk.values)
+        self.linked[:, offset : offset + n] = True
 
     def positions_after(self, n: int, at: int | None = None) -> torch.Tensor:
         """Positions for `n` more tokens from `at` (default: after everything written): [n] int64.
@@ -71,6 +76,7 @@ class PositionalKVCache:
         else:
             keys.index_copy_(2, self._write, key_states)
             values.index_copy_(2, self._write, value_states)
+        self.linked[layer_idx, self._write] = False
         return keys[:, :, : self.length], values[:, :, : self.length]
 
     def export(self, token_ids: torch.Tensor, start: int = 0) -> ChunkKV:

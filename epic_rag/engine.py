@@ -205,6 +205,7 @@ class EpicEngine:
 
         t0 = time.perf_counter()
         cache = self._new_cache(layout.length + extra_capacity)
+        cache.rescale = policy.rescale
         for seg, entry in linked:
             cache.link(entry, seg.start, self.rotary.inv_freq)
         stats.link_s = time.perf_counter() - t0

@@ -9,12 +9,14 @@ where a policy looks inside the model.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .cache import PositionalKVCache
+from .rescale import attention_rescaled
 
 
 @dataclass
@@ -86,23 +88,28 @@ def run_layers(
     pos = positions.to(device)[None]  # [1, S]
     cos, sin = inner.rotary_emb(hidden, pos)  # each [1, S, head_dim]
     mask = attention_mask(model, positions, length)
-    for i, layer in enumerate(inner.layers):
-        hooked = hook is not None and i in hook.layers
-        if hooked:
-            hook.before(LayerState(i, layer, hidden, positions, cos, sin, cache, length))
-        hidden = layer(hidden, attention_mask=mask, position_ids=pos, cache=cache, position_embeddings=(cos, sin))
-        if not hooked:
-            continue
-        keep = hook.after(LayerState(i, layer, hidden, positions, cos, sin, cache, length))
-        if keep is None:
-            continue
-        positions = positions[keep]
-        if positions.numel() == 0:
-            return ForwardOutput(None, positions)
-        keep = keep.to(device)
-        hidden, pos, cos, sin = hidden[:, keep], pos[:, keep], cos[:, keep], sin[:, keep]
-        mask = attention_mask(model, positions, length)
-        cache.begin(positions, length)
+    rescaling = cache.rescale is not None and bool(cache.linked[:, :length].any())
+    extra = {"epic_rescale": (cache.rescale, cache.linked)} if rescaling else {}
+    with attention_rescaled(model) if rescaling else nullcontext():
+        for i, layer in enumerate(inner.layers):
+            hooked = hook is not None and i in hook.layers
+            if hooked:
+                hook.before(LayerState(i, layer, hidden, positions, cos, sin, cache, length))
+            hidden = layer(
+                hidden, attention_mask=mask, position_ids=pos, cache=cache, position_embeddings=(cos, sin), **extra
+            )
+            if not hooked:
+                continue
+            keep = hook.after(LayerState(i, layer, hidden, positions, cos, sin, cache, length))
+            if keep is None:
+                continue
+            positions = positions[keep]
+            if positions.numel() == 0:
+                return ForwardOutput(None, positions)
+            keep = keep.to(device)
+            hidden, pos, cos, sin = hidden[:, keep], pos[:, keep], cos[:, keep], sin[:, keep]
+            mask = attention_mask(model, positions, length)
+            cache.begin(positions, length)
     if logits is None:
         return ForwardOutput(None, positions)
     out = model.lm_head(inner.norm(hidden if logits == "all" else hidden[:, -1:]))[0].float().cpu()

@@ -5,7 +5,8 @@ A policy owns its whole selection, in up to three steps the engine calls in orde
 selects entirely are never loaded); `refine(layout, positions, probe)` may add positions
 once the linked cache exists, after looking at the model through `probe`; and
 `layer_hook(layout)` may narrow the positions mid-forward, after one layer. A new
-policy is a new small class; the engine has no branch for any of them.
+policy is a new small class; the engine has no branch for any of them. Any policy can
+also rescale the attention paid to the chunk tokens it reuses (`policy+ape:T:S`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 
 from .forward import LayerHook, LayerState, query_attention
 from .layout import PromptLayout
+from .rescale import AttentionRescale
 
 DEFAULT_POLICY = "attnlink:16"
+DEFAULT_RESCALE = (0.9, 0.9)  # (T, S) for a bare '+ape'
 
 
 class Probe:
@@ -37,6 +40,8 @@ class Probe:
 
 class RecomputePolicy(ABC):
     """Chooses the positions to recompute; the last position is always among them."""
+
+    rescale: AttentionRescale | None = None  # applied to attention over the reused chunk tokens
 
     @abstractmethod
     def select(self, layout: PromptLayout) -> torch.Tensor:
@@ -222,12 +227,47 @@ class QueryGuided(RecomputePolicy):
         return torch.cat([positions, candidates[top]]).sort().values
 
 
+class Rescaled(RecomputePolicy):
+    """Another policy's selection, with APE attention rescaling on what stays reused."""
+
+    def __init__(self, inner: RecomputePolicy, rescale: AttentionRescale) -> None:
+        if isinstance(inner, Rescaled):
+            inner = inner.inner
+        self.inner, self.rescale = inner, rescale
+
+    @property
+    def spec(self) -> str:
+        return f"{self.inner.spec}+{self.rescale.spec}"
+
+    def select(self, layout: PromptLayout) -> torch.Tensor:
+        return self.inner.select(layout)
+
+    def refine(self, layout: PromptLayout, positions: torch.Tensor, probe: Probe) -> torch.Tensor:
+        return self.inner.refine(layout, positions, probe)
+
+    def layer_hook(self, layout: PromptLayout) -> LayerHook | None:
+        return self.inner.layer_hook(layout)
+
+
 def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
     """'full' | 'reuse' | 'prefix' | 'attnlink[:k]' | 'cacheblend[:ratio[:check_layer]]' |
-    'guided[:k[:sinks[:layer+layer...]]]' -> policy."""
+    'guided[:k[:sinks[:layer+layer...]]]', optionally followed by '+ape[:T[:S]]' -> policy."""
     if isinstance(spec, RecomputePolicy):
         return spec
-    name, *args = [p.strip() for p in str(spec).strip().lower().split(":")]
+    text = str(spec).strip().lower()
+    base, marker, ape = text.partition("+ape")
+    if marker:
+        if ape and not ape.startswith(":"):
+            raise ValueError(f"bad policy {spec!r}: write the rescaling as +ape, +ape:T or +ape:T:S")
+        try:
+            values = [float(v) for v in ape.split(":")[1:]]
+            if len(values) > 2:
+                raise ValueError("+ape takes at most T and S")
+            rescale = AttentionRescale(*values) if values else AttentionRescale(*DEFAULT_RESCALE)
+        except ValueError as err:
+            raise ValueError(f"bad policy {spec!r}: {err}") from None
+        return Rescaled(parse_policy(base), rescale)
+    name, *args = [p.strip() for p in text.split(":")]
     try:
         if name in ("full", "fullrecompute", "full_recompute") and not args:
             return FullRecompute()
@@ -246,5 +286,6 @@ def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
         raise ValueError(f"bad policy {spec!r}: {err}") from None
     raise ValueError(
         f"unknown policy {spec!r}; use one of: full, reuse, prefix, attnlink:K (e.g. attnlink:16), "
-        "cacheblend:R (e.g. cacheblend:0.15), guided:K (e.g. guided:16)"
+        "cacheblend:R (e.g. cacheblend:0.15), guided:K (e.g. guided:16), each optionally +ape:T:S "
+        "(e.g. attnlink:16+ape:0.9:0.9)"
     )

@@ -20,18 +20,19 @@ WIKI = SHARED_DATA / "longbench" / "2wikimqa_dev.jsonl"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(out, *extra: str) -> int:
+def _run(out, *extra: str, methods: str = "full,attnlink:16") -> int:
     return cli_main(
         ["bench", "accuracy", "--data", str(WIKI), "--limit", "2", "--model", "smollm2-135m-instruct",
-         "--methods", "full,attnlink:16", "--max-context-tokens", "500", "--max-new-tokens", "6",
-         "--out", str(out), *extra]
+         "--methods", methods, "--max-context-tokens", "500", "--max-new-tokens", "6",
+         "--out", str(out / "bench"), "--reference-cache", str(out / "references"), *extra]
     )  # fmt: skip
 
 
 @pytest.mark.slow
 def test_harness_writes_json_table_and_plot_and_resumes(tmp_path, monkeypatch):
     assert _run(tmp_path) == 0
-    result = json.loads((tmp_path / "results.json").read_text())
+    out = tmp_path / "bench"
+    result = json.loads((out / "results.json").read_text())
     assert result["model"] == "smollm2-135m-instruct" and result["records"] == 2
     assert list(result["methods"]) == ["full", "attnlink:16"]
     full, link = result["methods"]["full"], result["methods"]["attnlink:16"]
@@ -43,23 +44,39 @@ def test_harness_writes_json_table_and_plot_and_resumes(tmp_path, monkeypatch):
     assert link["kl_vs_full"] > 0.0  # linked chunks are not the same cache as a full prefill
     assert 200 < result["mean_tokens"] <= 500
 
-    table = (tmp_path / "results.md").read_text().splitlines()
+    table = (out / "results.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| full") or line.startswith("| attnlink:16")]
     assert len(rows) == 2 and all(r.count("|") == 12 for r in rows)
-    assert (tmp_path / "f1_vs_ttft.png").read_bytes()[:8] == PNG_MAGIC
-    assert len(list((tmp_path / "records").glob("*.json"))) == 2
+    assert (out / "f1_vs_ttft.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(list((out / "records").glob("*.json"))) == 2
+    assert len(list((tmp_path / "references").glob("*.safetensors"))) == 2
+
+    original = accuracy.evaluate_record
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("a finished record was computed again")
 
     monkeypatch.setattr(accuracy, "evaluate_record", refuse)
     assert _run(tmp_path) == 0  # resumed: every record and method is cached
-    assert json.loads((tmp_path / "results.json").read_text())["methods"] == result["methods"]
+    assert json.loads((out / "results.json").read_text())["methods"] == result["methods"]
+
+    monkeypatch.setattr(accuracy, "evaluate_record", original)
+    real_result = accuracy._method_result
+
+    def no_full_prefill(engine, layout, policy, record, max_new, reference):
+        assert reference is not None, "full recompute ran again although its answer was kept"
+        return real_result(engine, layout, policy, record, max_new, reference)
+
+    monkeypatch.setattr(accuracy, "_method_result", no_full_prefill)
+    assert _run(tmp_path, methods="full,attnlink:16,reuse") == 0  # an added method: compared with the kept one
+    reuse = json.loads((out / "results.json").read_text())["methods"]["reuse"]
+    assert reuse["kl_vs_full"] > 0.0 and 0.0 <= reuse["agree_vs_full"] <= 1.0
 
 
 @pytest.mark.slow
 def test_harness_refuses_to_mix_settings_in_one_folder(tmp_path, capsys):
-    (tmp_path / "settings.json").write_text(json.dumps({"model": "another"}))
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "settings.json").write_text(json.dumps({"model": "another"}))
     assert _run(tmp_path) == 2
     assert "other settings" in capsys.readouterr().err
 

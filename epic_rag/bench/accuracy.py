@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..engine import EpicEngine
 from ..offline import DEFAULT_MODEL
 from ..policies import parse_policy
-from .agreement import against_reference, greedy_decode
+from .agreement import ReferenceCache, against_reference, greedy_decode
 from .records import CHUNKINGS, Record, fit_chunks, longbench_records, make_chunker
 from .scoring import best_over_golds, contains_answer, exact_match, rouge_l, token_f1
 
@@ -97,7 +97,13 @@ def context_budget(engine: EpicEngine, question: str, max_new: int, max_context_
 
 
 def evaluate_record(
-    engine: EpicEngine, record: Record, methods: list[str], max_new: int, max_context_tokens: int | None, done: dict
+    engine: EpicEngine,
+    record: Record,
+    methods: list[str],
+    max_new: int,
+    max_context_tokens: int | None,
+    done: dict,
+    references: ReferenceCache,
 ) -> dict:
     """Metrics of every method in `methods` missing from `done` (method -> metrics) on `record`."""
     chunks = fit_chunks(engine, record.chunks, context_budget(engine, record.question, max_new, max_context_tokens))
@@ -107,10 +113,14 @@ def evaluate_record(
     layout = engine.layout(QUESTION_TEMPLATE.format(question=record.question), chunk_ids, SYSTEM)
     engine.prefill(layout, "reuse")  # warm-up: caches the system prefix, warms kernels
     todo = [m for m in methods if m not in done]
-    reference_row, reference = _method_result(engine, layout, parse_policy(REFERENCE), record, max_new, None)
     out = dict(done)
-    if REFERENCE in todo:
-        out[REFERENCE] = reference_row
+    key = references.key(engine, layout.ids, max_new)
+    reference = references.load(key) if REFERENCE not in todo else None
+    if reference is None:
+        out[REFERENCE], reference = _method_result(engine, layout, parse_policy(REFERENCE), record, max_new, None)
+        references.save(key, reference)
+        if REFERENCE not in methods:
+            del out[REFERENCE]
     for spec in tqdm([m for m in todo if m != REFERENCE], desc="methods", unit="method", leave=False):
         out[spec], _ = _method_result(engine, layout, parse_policy(spec), record, max_new, reference)
     for row in out.values():
@@ -194,13 +204,14 @@ def run_records(args: argparse.Namespace, engine: EpicEngine, records: list[Reco
     _check_settings(out, _settings(args, source))
     methods = list(dict.fromkeys(args.methods))
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
+    references = ReferenceCache(args.reference_cache)
     for record in tqdm(records, desc="records", unit="record"):
         path = out / "records" / f"{hashlib.sha256(record.id.encode()).hexdigest()[:16]}.json"
         saved = json.loads(path.read_text()) if path.exists() else {"id": record.id, "methods": {}}
         if not set(methods) <= saved["methods"].keys():
             done = {m: r for m, r in saved["methods"].items() if m in methods}
             saved["methods"].update(
-                evaluate_record(engine, record, methods, args.max_new_tokens, args.max_context_tokens, done)
+                evaluate_record(engine, record, methods, args.max_new_tokens, args.max_context_tokens, done, references)
             )
             saved.update(question=record.question, answers=record.answers, meta=record.meta)
             _write_json(path, saved)
@@ -261,11 +272,21 @@ def add_common_arguments(
     )
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--reference-cache",
+        type=Path,
+        default=None,
+        help="folder keeping full recompute's answers, so added methods skip full prefill "
+        "(default: the epic-rag cache folder)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="LongBench-format jsonl (input, context, answers)")
     parser.add_argument("--limit", type=int, default=None, help="first N records only")
+    parser.add_argument(
+        "--skip", type=int, default=0, help="leave out the first N records (tune on some, report on others)"
+    )
     parser.add_argument("--chunking", choices=CHUNKINGS, default="passages")
     parser.add_argument("--out", type=Path, default=Path("bench-accuracy"), help="output folder (resumable)")
     add_common_arguments(parser)
@@ -276,7 +297,7 @@ def main(args: argparse.Namespace) -> int:
     for m in args.methods:
         parse_policy(m)
     engine = load_engine(args)
-    records = longbench_records(args.data, make_chunker(engine, args.chunking), args.limit)
+    records = longbench_records(args.data, make_chunker(engine, args.chunking), args.limit)[args.skip :]
     result = run_records(args, engine, records, args.data.name)
     print(format_table(result))
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'f1_vs_ttft.png'}")

@@ -6,10 +6,20 @@ answer and its distributions come from that cache and nothing else.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..decode import sample_tokens
+from ..offline import cache_dir
 from ..sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 def greedy_decode(engine, prefilled, prompt_length: int, max_new_tokens: int):
@@ -54,3 +64,39 @@ def against_reference(engine, prefilled, prompt_length: int, max_new_tokens: int
     ids, _ = greedy_decode(engine, prefilled, prompt_length, max_new_tokens)
     first = float(kl_divergence(reference["steps"][0], prefilled.logits))
     return ids, first, float(kl_divergence(reference["steps"], forced).mean())
+
+
+class ReferenceCache:
+    """Full recompute's greedy answer ({"ids", "steps", "answer"}) per prompt, kept on disk.
+
+    A method added to a finished benchmark is compared with the same reference without
+    paying full prefill again (75 s per 2WikiMQA record here). Keyed by a hash of the
+    model fingerprint, the prompt's token ids and the answer length; safetensors files."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder or cache_dir() / "bench-references"
+
+    def key(self, engine, token_ids: torch.Tensor, max_new_tokens: int) -> str:
+        digest = hashlib.sha256(f"{engine.fingerprint}|{max_new_tokens}|".encode())
+        digest.update(token_ids.to(torch.int64).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:32]
+
+    def load(self, key: str) -> dict | None:
+        path = self.folder / f"{key}.safetensors"
+        if not path.exists():
+            return None
+        try:
+            with safe_open(path, "pt") as f:
+                answer = f.metadata()["answer"]
+                return {"ids": f.get_tensor("ids").tolist(), "steps": f.get_tensor("steps"), "answer": answer}
+        except Exception as err:  # a damaged file is recomputed and replaced
+            logger.warning("reference %s unreadable (%s); recomputing it", path, err)
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, key: str, reference: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f"{key}.tmp"
+        tensors = {"ids": torch.tensor(reference["ids"], dtype=torch.int64), "steps": reference["steps"].contiguous()}
+        save_file(tensors, tmp, metadata={"answer": reference["answer"]})
+        os.replace(tmp, self.folder / f"{key}.safetensors")
