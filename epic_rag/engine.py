@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .cache import PositionalKVCache
 from .decode import Decoding
 from .forward import LayerHook, run_layers
-from .kv import ChunkKV
+from .kv import ChunkKV, rotate_keys
 from .layout import COMPUTED, PromptLayout, Segment
 from .model import check_supported, fingerprint, load_model, rotary_facts
 from .offline import DEFAULT_MODEL, builtin_policy
@@ -109,39 +109,61 @@ class EpicEngine:
     def chunk_token_ids(self, text: str) -> torch.Tensor:
         return self.prompt.chunk_token_ids(text)
 
-    def key_of(self, token_ids: torch.Tensor) -> str:
-        return self.prompt.key_of(token_ids)
+    def key_of(self, token_ids: torch.Tensor, context_ids: torch.Tensor | None = None) -> str:
+        return self.prompt.key_of(token_ids, context_ids)
 
     # ---- compile (index time) ----------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, token_ids: torch.Tensor) -> ChunkKV:
-        """Prefill `token_ids` alone from position 0 and return its per-layer K/V."""
+    def encode(self, token_ids: torch.Tensor, context_ids: torch.Tensor | None = None) -> ChunkKV:
+        """Prefill `token_ids` from position 0 and return its per-layer K/V.
+
+        With `context_ids` (neighbour-context compile) the tokens run after those, attending to
+        them, and their keys are rotated back to base position 0: the entry links like any other."""
         n = token_ids.numel()
         if n == 0:
             raise ValueError("cannot encode an empty token sequence")
-        self._check_length(n, 0)
-        cache = self._new_cache(n)
-        run_layers(self.model, cache, token_ids, torch.arange(n), n, logits=None)
-        return cache.export(token_ids)
+        m = 0 if context_ids is None else context_ids.numel()
+        self._check_length(m + n, 0)
+        cache = self._new_cache(m + n)
+        if m:
+            run_layers(self.model, cache, context_ids, torch.arange(m), m, logits=None)
+        run_layers(self.model, cache, token_ids, torch.arange(m, m + n), m + n, logits=None)
+        entry = cache.export(token_ids, start=m)
+        if m:
+            entry.keys = rotate_keys(entry.keys, self.rotary.inv_freq, -m)
+            entry.context_ids = context_ids.clone()
+        return entry
 
-    def fetch(self, token_ids: torch.Tensor, key: str | None = None) -> tuple[ChunkKV, bool]:
-        """(entry, was_hit): from the store, or computed, stored and returned as stored."""
-        entry = self.store.get(key or self.key_of(token_ids))
+    def fetch(
+        self, token_ids: torch.Tensor, key: str | None = None, context_ids: torch.Tensor | None = None
+    ) -> tuple[ChunkKV, bool]:
+        """(entry, was_hit): from the store, or computed (after `context_ids`), stored and
+        returned as stored."""
+        entry = self.store.get(key or self.key_of(token_ids, context_ids))
         if entry is not None:
             return entry, True
-        entry = self.store.stored_form(self.encode(token_ids))
+        entry = self.store.stored_form(self.encode(token_ids, context_ids))
         self.store.put(entry)
         return entry, False  # as later hits will see it: the first answer is not more exact than the next
 
-    def add_chunks(self, texts: Sequence[str], progress: bool | None = None) -> list[str]:
-        """Precompute and store the KV of each chunk text; returns their chunk ids ('kv:<hash>')."""
+    def add_chunks(
+        self, texts: Sequence[str], progress: bool | None = None, after: Sequence[str | None] | None = None
+    ) -> list[str]:
+        """Precompute and store the KV of each chunk text; returns their chunk ids ('kv:<hash>').
+
+        `after[i]`, when given and not None, is the text chunk i is compiled after (its
+        predecessor in its document: neighbour-context compile); its entry is a separate one."""
+        if after is not None and len(after) != len(texts):
+            raise ValueError(f"after= names {len(after)} predecessors for {len(texts)} chunks; give one per chunk")
         ids = [self.chunk_token_ids(t) for t in texts]
+        contexts = [None if a is None else self.chunk_token_ids(a) for a in (after or [None] * len(texts))]
         out = []
         show = len(ids) > 1 if progress is None else progress
-        for token_ids in tqdm(ids, desc="compiling chunk KV", unit="chunk", disable=not show):
-            key = self.key_of(token_ids)
-            self.fetch(token_ids, key)
-            self.prompt.remember(key, token_ids)
+        pairs = zip(ids, contexts, strict=True)
+        for token_ids, context_ids in tqdm(pairs, total=len(ids), desc="compiling chunk KV", disable=not show):
+            key = self.key_of(token_ids, context_ids)
+            self.fetch(token_ids, key, context_ids)
+            self.prompt.remember(key, token_ids, context_ids)
             out.append(f"kv:{key}")
         return out
 
@@ -178,7 +200,8 @@ class EpicEngine:
             if seg.kind in COMPUTED or skip[seg.start : seg.end].all():
                 continue
             t0 = time.perf_counter()
-            entry, hit = self.fetch(seg.source_ids if seg.source_ids is not None else seg.token_ids, seg.key)
+            ids = seg.source_ids if seg.source_ids is not None else seg.token_ids
+            entry, hit = self.fetch(ids, seg.key, self.prompt.context_of(seg.key))
             linked.append((seg, entry.covering(seg.token_ids, seg.key)))
             stats.store_hits += hit
             stats.store_misses += not hit

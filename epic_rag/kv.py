@@ -16,11 +16,15 @@ import torch
 
 @dataclass
 class ChunkKV:
-    """Per-layer K/V of one token sequence prefilled alone from position 0."""
+    """Per-layer K/V of one token sequence, keys at base position 0.
+
+    Compiled alone by default; with `context_ids` it was compiled after those tokens (its
+    document predecessor) and keeps only its own K/V, rotated back to base position 0."""
 
     token_ids: torch.Tensor  # [n] int64
     keys: torch.Tensor  # [layers, kv_heads, n, head_dim], RoPE applied at positions 0..n-1
     values: torch.Tensor  # [layers, kv_heads, n, head_dim]
+    context_ids: torch.Tensor | None = None  # [m] int64: what the tokens attended to before them
 
     def __post_init__(self) -> None:
         n = self.token_ids.numel()
@@ -34,13 +38,14 @@ class ChunkKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.token_ids, self.keys, self.values))
+        tensors = (self.token_ids, self.keys, self.values, self.context_ids)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def head(self, n: int) -> ChunkKV:
         """The entry of the first `n` tokens (causal: their K/V do not depend on later tokens)."""
         if n == len(self):
             return self
-        return ChunkKV(self.token_ids[:n], self.keys[:, :, :n], self.values[:, :, :n])
+        return ChunkKV(self.token_ids[:n], self.keys[:, :, :n], self.values[:, :, :n], self.context_ids)
 
     def covering(self, token_ids: torch.Tensor, key: str | None = None) -> ChunkKV:
         """The leading part of this entry that holds `token_ids` (all of it, or its first tokens);
@@ -54,7 +59,7 @@ class ChunkKV:
         """The same entry with K/V in `dtype` (ids stay int64)."""
         if self.keys.dtype == dtype:
             return self
-        return ChunkKV(self.token_ids, self.keys.to(dtype), self.values.to(dtype))
+        return ChunkKV(self.token_ids, self.keys.to(dtype), self.values.to(dtype), self.context_ids)
 
 
 def rotation_angles(inv_freq: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,7 @@ class PromptBuilder:
         if self.use_chat_template and not has_template:
             raise ValueError("use_chat_template=True but the tokenizer has no chat template")
         self._known_ids: dict[str, torch.Tensor] = {}  # store key -> chunk ids seen in this process
+        self._contexts: dict[str, torch.Tensor] = {}  # store key -> ids its chunk was compiled after
 
     def tokenize(self, text: str) -> torch.Tensor:
         """Token ids of `text` alone, no special tokens added: [n] int64."""
@@ -55,13 +56,20 @@ class PromptBuilder:
             raise ValueError("empty chunk text: drop empty documents or chunks before adding them")
         return self.tokenize(text + self.chunk_separator)
 
-    def key_of(self, token_ids: torch.Tensor) -> str:
-        """The store key of a token sequence's KV under this model."""
-        return entry_key(self.fingerprint, token_ids)
+    def key_of(self, token_ids: torch.Tensor, context_ids: torch.Tensor | None = None) -> str:
+        """The store key of a token sequence's KV under this model (compiled after `context_ids`)."""
+        return entry_key(self.fingerprint, token_ids, context_ids)
 
-    def remember(self, key: str, token_ids: torch.Tensor) -> None:
-        """Note the ids of a stored chunk so its id resolves without the store."""
+    def remember(self, key: str, token_ids: torch.Tensor, context_ids: torch.Tensor | None = None) -> None:
+        """Note the ids of a stored chunk (and what it was compiled after) so its id resolves
+        without the store and a lost entry is compiled again the same way."""
         self._known_ids[key] = token_ids
+        if context_ids is not None:
+            self._contexts[key] = context_ids
+
+    def context_of(self, key: str | None) -> torch.Tensor | None:
+        """The ids the chunk stored under `key` was compiled after, when known (None: alone)."""
+        return self._contexts.get(key) if key is not None else None
 
     def known_chunk(self, text: str, key: str | None = None) -> tuple[torch.Tensor, str]:
         """(ids, store key) of a chunk text: the ids noted under `key` when there are any,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION_NAME = "epic_rescaled"
 
@@ -54,30 +54,42 @@ def rescaled_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention with linked keys rescaled; `epic_rescale` = (rescale, linked [layers, capacity] bool).
 
-    Falls back to SDPA where nothing linked is visible at this layer."""
+    One pass: the temperature is folded into the linked keys, and one product of the
+    unnormalised weights with [V_c | V_o | 1_c | 1_o] gives both partial outputs and both
+    partition sums. Falls back to SDPA where nothing linked is visible at this layer."""
     linked = None
     if epic_rescale is not None:
         rescale, linked_slots = epic_rescale
-        linked = linked_slots[module.layer_idx, : key.shape[2]]
+        linked = linked_slots[module.layer_idx, : key.shape[2]]  # [L] bool
     if linked is None or not bool(linked.any()):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    logits = (query.float() @ key.float().transpose(-1, -2)) * scaling  # [1, heads, S, L]
-    if attention_mask is not None:
-        logits = logits + attention_mask.float()
-    elif query.shape[2] > 1:  # causal, the queries being the last S positions
-        s, n = query.shape[2], key.shape[2]
-        future = torch.ones(s, n, dtype=torch.bool, device=logits.device).triu(n - s + 1)
-        logits = logits.masked_fill(future, float("-inf"))
     T, S = rescale.temperature, rescale.scale
-    context = logits[..., linked] / T  # [1, heads, S, C]
-    lse = context.logsumexp(dim=-1, keepdim=True)  # [1, heads, S, 1]
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # rows that see no context
-    logits[..., linked] = context + (S * T - 1.0) * lse
-    probs = logits.softmax(dim=-1).to(value.dtype)
-    return (probs @ value).transpose(1, 2).contiguous(), None  # [1, S, heads, d]
+    b, heads, s, d = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    g = heads // kv_heads  # query heads per KV head, adjacent (as repeat_kv pairs them)
+    scaling = d**-0.5 if scaling is None else scaling
+    is_context = linked.to(torch.float32)[:, None]  # [L, 1]
+    keys = key.float() * torch.where(is_context > 0, 1.0 / T, 1.0)  # [1, kv_heads, L, d]
+    q = query.float().reshape(b, kv_heads, g * s, d) * scaling
+    logits = (q @ keys.transpose(-1, -2)).view(b, kv_heads, g, s, n)  # [1, kv_heads, G, S, L]
+    if attention_mask is not None:
+        logits += attention_mask.float()[:, :, None]
+    elif s > 1:  # causal, the queries being the last S positions
+        logits.masked_fill_(torch.ones(s, n, dtype=torch.bool, device=logits.device).triu(n - s + 1), float("-inf"))
+    top = logits.amax(dim=-1, keepdim=True)  # [1, kv_heads, G, S, 1]
+    # masked logits would underflow exp (slowly, on CPU): from -80 they add e^-80 per key, far below fp32 precision
+    weights = (logits - top).clamp_min_(-80.0).exp_().view(b, kv_heads, g * s, n)
+    v = value.float()
+    ones = is_context.expand(b, kv_heads, n, 1)
+    parts = weights @ torch.cat([v * ones, v * (1 - ones), ones, 1 - ones], dim=-1)  # [1, kv_heads, G*S, 2d+2]
+    out_c, out_o, sum_c, sum_o = parts.split([d, d, 1, 1], dim=-1)
+    top = top.view(b, kv_heads, g * s, 1)
+    lse = torch.cat([S * T * (sum_c.log() + top), sum_o.log() + top], dim=-1)  # no context visible: -inf
+    share = lse.softmax(dim=-1)  # [1, kv_heads, G*S, 2]
+    tiny = torch.finfo(torch.float32).tiny
+    out = share[..., :1] * out_c / sum_c.clamp_min(tiny) + share[..., 1:] * out_o / sum_o.clamp_min(tiny)
+    out = out.view(b, kv_heads, g, s, d).reshape(b, heads, s, d)
+    return out.transpose(1, 2).contiguous().to(value.dtype), None  # [1, S, heads, d]
 
 
 AttentionInterface.register(ATTENTION_NAME, rescaled_attention)

@@ -182,19 +182,40 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_qa_bench_retrieves_from_a_folder_and_scores_every_method(tmp_path):
     questions = ROOT / "benchmarks" / "qa" / "sample_docs_questions.jsonl"
-    args = ["bench", "qa", "--corpus", str(ROOT / "examples" / "sample_docs"), "--questions", str(questions),
-            "--limit", "2", "--top-k", "3", "--model", "smollm2-135m-instruct", "--methods", "full,guided:16",
-            "--max-new-tokens", "6", "--out", str(tmp_path)]  # fmt: skip
-    assert cli_main(args) == 0
-    result = json.loads((tmp_path / "results.json").read_text())
-    assert result["records"] == 2 and list(result["methods"]) == ["full", "guided:16"]
-    records = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
-    assert {r["question"] for r in records} == {
+
+    def run(out, methods, *extra):
+        return cli_main(
+            ["bench", "qa", "--corpus", str(ROOT / "examples" / "sample_docs"), "--questions", str(questions),
+             "--limit", "2", "--top-k", "3", "--model", "smollm2-135m-instruct", "--methods", methods,
+             "--target-tokens", "64", "--max-tokens", "96", "--min-tokens", "16",
+             "--max-new-tokens", "6", "--out", str(out), "--reference-cache", str(tmp_path / "references"), *extra]
+        )  # fmt: skip
+
+    assert run(tmp_path / "alone", "full,guided:16,reuse") == 0
+    result = json.loads((tmp_path / "alone" / "results.json").read_text())
+    assert result["records"] == 2 and list(result["methods"]) == ["full", "guided:16", "reuse"]
+
+    def saved(folder):
+        return {r["id"]: r for r in (json.loads(p.read_text()) for p in (folder / "records").glob("*.json"))}
+
+    records = saved(tmp_path / "alone")
+    assert {r["question"] for r in records.values()} == {
         json.loads(line)["question"] for line in questions.read_text().splitlines()[:2]
     }
-    for r in records:
+    for r in records.values():
         full = r["methods"]["full"]
         assert 0.0 <= full["exact"] <= full["f1"] <= 1.0 and r["methods"]["guided:16"]["kl_vs_full"] >= 0.0
+
+    assert run(tmp_path / "neighbour", "full,reuse", "--compile", "neighbour") == 0
+    settings = json.loads((tmp_path / "neighbour" / "results.json").read_text())
+    assert "compiled after the neighbour" in settings["chunking"]
+    neighbour = saved(tmp_path / "neighbour")
+    assert neighbour.keys() == records.keys()
+    for key, r in neighbour.items():  # the same prompt tokens: the same reference answer
+        assert r["methods"]["full"]["answer"] == records[key]["methods"]["full"]["answer"]
+    reuse_kl = {k: r["methods"]["reuse"]["kl_vs_full"] for k, r in records.items()}
+    kl = [(r["methods"]["reuse"]["kl_vs_full"], reuse_kl[k]) for k, r in neighbour.items()]
+    assert any(abs(a - b) > 1e-6 for a, b in kl)  # chunks with a predecessor were compiled differently
 
 
 def test_exact_match_and_contained_answers_normalise():

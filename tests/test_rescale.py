@@ -108,3 +108,9 @@ def test_rescaled_spec_round_trip(spec, expected):
 def test_bad_rescaling_is_refused_with_help(bad):
     with pytest.raises(ValueError, match="policy"):
         parse_policy(bad)
+
+
+def test_bare_ape_takes_the_swept_defaults():
+    from epic_rag.policies import DEFAULT_RESCALE
+
+    assert parse_policy("attnlink:16+ape").rescale == AttentionRescale(*DEFAULT_RESCALE)

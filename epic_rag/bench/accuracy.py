@@ -108,7 +108,8 @@ def evaluate_record(
     """Metrics of every method in `methods` missing from `done` (method -> metrics) on `record`."""
     chunks = fit_chunks(engine, record.chunks, context_budget(engine, record.question, max_new, max_context_tokens))
     t0 = time.perf_counter()
-    chunk_ids = engine.add_chunks(chunks, progress=False)
+    after = record.after[: len(chunks)] if record.after is not None else None
+    chunk_ids = engine.add_chunks(chunks, progress=False, after=after)
     index_s = time.perf_counter() - t0
     layout = engine.layout(QUESTION_TEMPLATE.format(question=record.question), chunk_ids, SYSTEM)
     engine.prefill(layout, "reuse")  # warm-up: caches the system prefix, warms kernels

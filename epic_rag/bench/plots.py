@@ -9,17 +9,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from ..policies import AttnLink, parse_policy  # noqa: E402
+
 
 def plot_f1_vs_ttft(summary: dict[str, dict], path: Path, title: str = "") -> Path:
     """The accuracy/speed trade-off: F1 (%) against median TTFT (log scale), one point per method
     (AttnLink-k points labelled k=.. and joined in order of k)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    sweep = sorted((s for s in summary if s.startswith("attnlink")), key=lambda s: int(s.split(":")[1]))
+    links = {s: p.k for s, p in ((s, parse_policy(s)) for s in summary) if isinstance(p, AttnLink)}
+    sweep = sorted(links, key=links.get)
     if len(sweep) > 1:  # the AttnLink-k sweep as one line, k growing along it
         ax.plot([summary[s]["ttft_s"] for s in sweep], [summary[s]["f1"] * 100 for s in sweep], color="C1", alpha=0.5)
     for i, (spec, m) in enumerate(summary.items()):
         colour = "C1" if spec in sweep else "C0" if spec == "full" else "C2"
-        label = f"k={spec.split(':')[1]}" if spec in sweep else spec
+        label = f"k={links[spec]}" if spec in sweep else spec
         ax.scatter(m["ttft_s"], m["f1"] * 100, color=colour, zorder=3)
         offset = (4, 4) if i % 2 == 0 else (4, -10)  # alternate sides so close points stay readable
         ax.annotate(label, (m["ttft_s"], m["f1"] * 100), textcoords="offset points", xytext=offset, fontsize=8)

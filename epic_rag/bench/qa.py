@@ -24,19 +24,24 @@ DOC_SUFFIXES = (".txt", ".md")
 METHODS = ("full", "reuse", "cacheblend:0.15", "attnlink:16", "guided:16")
 
 
-def corpus_chunks(engine, corpus: Path, target_tokens: int, max_tokens: int, min_tokens: int) -> list[str]:
-    """KVSplit chunks of every document in `corpus`, each as "file_name: NAME" + blank line + text."""
+def corpus_chunks(
+    engine, corpus: Path, target_tokens: int, max_tokens: int, min_tokens: int
+) -> tuple[list[str], list[str | None]]:
+    """KVSplit chunks of every document in `corpus`, each as "file_name: NAME" + blank line + text,
+    and each chunk's predecessor in its document (None for a document's first chunk)."""
     files = sorted(p for p in Path(corpus).iterdir() if p.is_file() and p.suffix in DOC_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no .txt or .md documents directly in {corpus}")
     count = count_tokens_with(engine.tokenizer)
-    chunks = []
+    chunks, previous = [], []
     for path in tqdm(files, desc="chunking", unit="file"):
         header = f"file_name: {path.name}\n\n"
         splitter = KVSplit(count, target_tokens=target_tokens, max_tokens=max_tokens, min_tokens=min_tokens)
         pieces = splitter.split(path.read_text(encoding="utf-8"), reserve=count(header) + 2)
-        chunks.extend(header + c.text.strip() for c in pieces if c.text.strip())
-    return chunks
+        texts = [header + c.text.strip() for c in pieces if c.text.strip()]
+        chunks.extend(texts)
+        previous.extend([None, *texts[:-1]])
+    return chunks, previous
 
 
 def retrieve(chunks: list[str], questions: list[str], top_k: int) -> list[list[int]]:
@@ -56,7 +61,7 @@ def qa_records(engine, args: argparse.Namespace) -> list[Record]:
     for i, row in enumerate(rows):
         if not {"question", "answers"} <= row.keys():
             raise ValueError(f"{args.questions}: question {i} needs 'question' and 'answers'")
-    chunks = corpus_chunks(engine, args.corpus, args.target_tokens, args.max_tokens, args.min_tokens)
+    chunks, previous = corpus_chunks(engine, args.corpus, args.target_tokens, args.max_tokens, args.min_tokens)
     top = retrieve(chunks, [r["question"] for r in rows], args.top_k)
     return [
         Record(
@@ -66,6 +71,7 @@ def qa_records(engine, args: argparse.Namespace) -> list[Record]:
             answers=list(row["answers"]),
             dataset=args.questions.stem,
             meta={"hops": row.get("hops", 1)},
+            after=[previous[j] for j in picked] if args.compile == "neighbour" else None,
         )
         for i, (row, picked) in enumerate(zip(rows, top, strict=True))
     ]
@@ -78,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-tokens", type=int, default=256, help="KVSplit chunk size, as `epic-rag index`")
     parser.add_argument("--max-tokens", type=int, default=384)
     parser.add_argument("--min-tokens", type=int, default=48)
+    parser.add_argument(
+        "--compile",
+        choices=("alone", "neighbour"),
+        default="alone",
+        help="compile each chunk alone (default) or after its predecessor in its document",
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--out", type=Path, default=Path("bench-qa"), help="output folder (resumable)")
     add_common_arguments(parser, METHODS, max_new_tokens=24)
@@ -88,6 +100,8 @@ def main(args: argparse.Namespace) -> int:
     for m in args.methods:
         parse_policy(m)
     args.chunking = f"kvsplit {args.target_tokens}/{args.max_tokens}/{args.min_tokens}, top {args.top_k}"
+    if args.compile != "alone":
+        args.chunking += f", compiled after the {args.compile}"
     engine = load_engine(args)
     records = qa_records(engine, args)
     result = run_records(args, engine, records, f"{args.questions.name} over {args.corpus.name}")

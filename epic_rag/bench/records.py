@@ -30,6 +30,7 @@ class Record:
     answers: list[str]
     dataset: str = ""
     meta: dict = field(default_factory=dict)
+    after: list[str | None] | None = None  # per chunk, the text it is compiled after (neighbour compile)
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:

@@ -1,8 +1,9 @@
 """Bytes of one stored entry: the format every persistent tier writes and reads.
 
 An entry is a safetensors blob with tensors ``token_ids``, ``keys`` and ``values``
-and metadata ``format`` (version), ``fingerprint`` (the model that made it) and
-``sha256`` (of the three tensors' bytes, in that order). The checksum catches
+(and ``context_ids`` for an entry compiled after its neighbour) and metadata
+``format`` (version), ``fingerprint`` (the model that made it) and ``sha256`` (of the
+tensors' bytes, in that order). The checksum catches
 bit flips that still parse; the version lets a later format refuse old bytes
 instead of misreading them.
 """
@@ -35,6 +36,8 @@ def encode(entry: ChunkKV, fingerprint: str) -> bytes:
         "keys": entry.keys.detach().cpu().contiguous(),  # [layers, kv_heads, n, head_dim]
         "values": entry.values.detach().cpu().contiguous(),  # [layers, kv_heads, n, head_dim]
     }
+    if entry.context_ids is not None:
+        tensors["context_ids"] = entry.context_ids.detach().cpu().contiguous()  # [m] int64
     metadata = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "sha256": _checksum(tensors)}
     return st_save(tensors, metadata=metadata)
 
@@ -48,7 +51,7 @@ def decode(blob: bytes, key: str | None = None) -> tuple[ChunkKV, str]:
     try:
         tensors = st_load(blob)
         metadata = _metadata(blob)
-        entry = ChunkKV(tensors["token_ids"], tensors["keys"], tensors["values"])
+        entry = ChunkKV(tensors["token_ids"], tensors["keys"], tensors["values"], tensors.get("context_ids"))
         checksum = _checksum(tensors)
     except (SafetensorError, ValueError, KeyError, RuntimeError, struct.error) as err:
         raise DamagedEntry(f"not a readable entry ({type(err).__name__}: {err})") from err
@@ -59,16 +62,17 @@ def decode(blob: bytes, key: str | None = None) -> tuple[ChunkKV, str]:
     fingerprint = metadata.get("fingerprint")
     if not fingerprint:
         raise DamagedEntry("no model fingerprint in the metadata")
-    if key is not None and entry_key(fingerprint, entry.token_ids) != key:
+    if key is not None and entry_key(fingerprint, entry.token_ids, entry.context_ids) != key:
         raise DamagedEntry("content does not match its key (copied or renamed)")
     return entry, fingerprint
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the raw bytes of token_ids, keys and values, in that order."""
+    """sha256 over the raw bytes of token_ids, keys, values (and context_ids), in that order."""
     digest = hashlib.sha256()
-    for name in ("token_ids", "keys", "values"):
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy())
+    for name in ("token_ids", "keys", "values", "context_ids"):
+        if name in tensors:
+            digest.update(tensors[name].contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

@@ -17,10 +17,14 @@ STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 _HEX = frozenset(string.hexdigits.lower())
 
 
-def entry_key(model_fingerprint: str, token_ids: torch.Tensor) -> str:
-    """Content address (64 lowercase hex digits) of a token sequence's KV under one model."""
+def entry_key(model_fingerprint: str, token_ids: torch.Tensor, context_ids: torch.Tensor | None = None) -> str:
+    """Content address (64 lowercase hex digits) of a token sequence's KV under one model;
+    with `context_ids`, of its KV compiled after those tokens (a different entry)."""
     digest = hashlib.sha256(model_fingerprint.encode())
     digest.update(token_ids.to(torch.int64).contiguous().cpu().numpy().tobytes())  # [n] int64
+    if context_ids is not None and context_ids.numel():
+        digest.update(b"|compiled after|")
+        digest.update(context_ids.to(torch.int64).contiguous().cpu().numpy().tobytes())  # [m] int64
     return digest.hexdigest()
 
 
