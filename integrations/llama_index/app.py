@@ -8,6 +8,7 @@ Reopening it loads both; the KV of every node is already in ``kv/``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex, load_index_from_storage
+from tqdm.auto import tqdm
 
 from epic_rag import DEFAULT_MODEL, EpicEngine, RecomputePolicy
 from epic_rag.calibration import CANDIDATES, PolicyScore, Sample, calibrate, recommend
@@ -29,6 +31,8 @@ from .llm import EpicLLM
 from .node_parser import KVSplitNodeParser
 from .postprocessor import EpicKVPostprocessor
 from .precompute import EpicKVPrecompute
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "epic_rag_index.json"
 SKIP_DIRS = {".git", "__pycache__", ".ipynb_checkpoints"}
@@ -54,8 +58,47 @@ class IndexManifest:
         os.replace(tmp, path)
 
 
-def read_documents(docs_dir: str | Path) -> list[Document]:
-    """Every text file under `docs_dir` as a Document; clear errors for what cannot be read."""
+@dataclass
+class ReadReport:
+    """What `read_documents` read and what it skipped (relative path -> reason)."""
+
+    documents: list[Document]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        line = f"read {len(self.documents)} document(s)"
+        if self.skipped:
+            line += f", skipped {len(self.skipped)}: " + "; ".join(f"{k} ({v})" for k, v in self.skipped.items())
+        return line
+
+
+def _file_readers() -> dict[str, Any]:
+    """LlamaIndex's readers for the formats that are not plain text (suffix -> reader)."""
+    from llama_index.readers.file import DocxReader, HTMLTagReader, PDFReader
+
+    pdf, html = PDFReader(return_full_document=True), HTMLTagReader(tag="body")
+    return {".pdf": pdf, ".docx": DocxReader(), ".html": html, ".htm": html}
+
+
+def _read_one(path: Path, readers: dict[str, Any]) -> str:
+    """The text of one file; raises ValueError with the reason when it has none."""
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("not text: a binary file of a format epic-rag does not read") from None
+    try:
+        parts = reader.load_data(path)
+    except Exception as err:  # each reader fails its own way on a damaged file; report it and go on
+        raise ValueError(f"{path.suffix.lstrip('.').upper()} unreadable: {type(err).__name__}: {err}") from None
+    return "\n\n".join(d.text for d in parts if d.text.strip())
+
+
+def read_documents(docs_dir: str | Path, strict: bool = False, progress: bool = False) -> ReadReport:
+    """Every readable file under `docs_dir` as a Document: text and Markdown as they are, PDF,
+    DOCX and HTML through LlamaIndex's readers. A file that cannot be read (or holds no
+    text) is skipped with a warning naming it and why, or refused with `strict`."""
     root = Path(docs_dir)
     if not root.exists():
         raise FileNotFoundError(f"documents folder not found: {root}")
@@ -63,25 +106,30 @@ def read_documents(docs_dir: str | Path) -> list[Document]:
         raise ValueError(f"{root} is not a folder; pass the folder that holds your documents")
     files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
     if not files:
-        raise ValueError(f"documents folder {root} is empty: put some text files (.txt, .md, ...) in it")
-    docs, problems = [], []
-    for path in files:
+        raise ValueError(f"documents folder {root} is empty: put some documents (.txt, .md, .pdf, .docx, .html) in it")
+    readers = _file_readers()
+    report = ReadReport([])
+    for path in tqdm(files, desc="reading documents", unit="file", disable=not progress):
         rel = path.relative_to(root).as_posix()
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            problems.append(f"{rel} (not UTF-8 text)")
+            text = _read_one(path, readers)
+        except ValueError as err:
+            report.skipped[rel] = str(err)
             continue
         except OSError as err:
-            problems.append(f"{rel} ({err.strerror or err})")
+            report.skipped[rel] = err.strerror or str(err)
             continue
-        if text.strip():
-            docs.append(Document(text=text, id_=rel, metadata={"file_name": rel}))
-    if problems:
-        raise ValueError(f"cannot read {len(problems)} file(s) in {root}: " + "; ".join(problems))
-    if not docs:
-        raise ValueError(f"documents folder {root} holds no text: every file is empty")
-    return docs
+        if not text.strip():
+            report.skipped[rel] = "no text in it (empty, or a scanned PDF without a text layer)"
+            continue
+        report.documents.append(Document(text=text, id_=rel, metadata={"file_name": rel}))
+    if report.skipped and strict:
+        raise ValueError(f"--strict: cannot read {len(report.skipped)} file(s) in {root}: " + report.summary())
+    if report.skipped:
+        logger.warning("skipping %d file(s) in %s: %s", len(report.skipped), root, report.summary())
+    if not report.documents:
+        raise ValueError(f"documents folder {root} holds no readable text: " + report.summary())
+    return report
 
 
 def _hidden(rel: Path) -> bool:
@@ -148,10 +196,13 @@ def build_index(
     engine: EpicEngine | None = None,
     show_progress: bool = True,
     parser_kwargs: dict[str, Any] | None = None,
+    strict: bool = False,
+    documents: ReadReport | None = None,
     **app_kwargs: Any,
 ) -> RagApp:
-    """Read, split, precompute KV, embed, and persist; returns the opened app."""
-    docs = read_documents(docs_dir)
+    """Read, split, precompute KV, embed, and persist; returns the opened app (`strict`: refuse a
+    folder with an unreadable file instead of skipping it; `documents`: the folder already read)."""
+    docs = (documents or read_documents(docs_dir, strict=strict, progress=show_progress)).documents
     index_dir = Path(index_dir)
     engine = engine or EpicEngine.from_pretrained(model, store_dir=index_dir / "kv")
     llm, embed = EpicLLM(engine, model_name=model), SentenceTransformerEmbedding()

@@ -19,12 +19,15 @@ RESPONSE_MODES = ("compact", "simple_summarize", "refine", "tree_summarize")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     index = subparsers.add_parser("index", help="build a FAISS index and KV store from a documents folder")
-    index.add_argument("docs_dir", metavar="DOCS_DIR", help="folder of text documents (.txt, .md, ...)")
+    index.add_argument("docs_dir", metavar="DOCS_DIR", help="folder of documents (.txt, .md, .pdf, .docx, .html)")
     index.add_argument("--index", required=True, metavar="INDEX_DIR", help="folder to write the index to")
     index.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, folder or .gguf (default {DEFAULT_MODEL})")
     index.add_argument("--target-tokens", type=int, default=256, help="chunk size KVSplit aims for (LLM tokens)")
     index.add_argument("--max-tokens", type=int, default=384, help="hard maximum chunk size (LLM tokens)")
     index.add_argument("--min-tokens", type=int, default=48, help="minimum chunk size unless a document is shorter")
+    index.add_argument(
+        "--strict", action="store_true", help="refuse the folder if a file cannot be read (default: skip it)"
+    )
     index.set_defaults(func=_index)
 
     for name, helptext in (("ask", "answer one question from an index"), ("chat", "interactive chat over an index")):
@@ -90,11 +93,12 @@ def _policy(spec: str):
 def _index(args: argparse.Namespace) -> int:
     from .app import build_index, read_documents
 
-    read_documents(args.docs_dir)  # fail on a bad folder before loading any model
+    report = read_documents(args.docs_dir, strict=args.strict, progress=True)  # before loading any model
     start = time.perf_counter()
     parser_kwargs = {"target_tokens": args.target_tokens, "max_tokens": args.max_tokens, "min_tokens": args.min_tokens}
-    app = build_index(args.docs_dir, args.index, model=args.model, parser_kwargs=parser_kwargs)
+    app = build_index(args.docs_dir, args.index, model=args.model, parser_kwargs=parser_kwargs, documents=report)
     stats = app.engine.store.stats()
+    print(report.summary())
     print(
         f"indexed {len(app.index.docstore.docs)} chunks from {args.docs_dir} into {args.index} "
         f"with {args.model} in {time.perf_counter() - start:.1f} s; "
