@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"epic-rag: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every write is atomic (KV entries, index storage, manifest)
+        print("\nepic-rag: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

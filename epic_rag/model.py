@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .offline import builtin_name, ensure_converted_gguf, offline_model_folder
+from .offline import OFFLINE_MODELS, builtin_name, ensure_converted_gguf, offline_model_folder
 
 # model_type -> family name; each has model.model.{embed_tokens, layers, norm, rotary_emb}.
 SUPPORTED_MODEL_TYPES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
@@ -125,6 +125,22 @@ def fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+def check_model_spec(spec: str | Path) -> None:
+    """Refuse, before anything loads, a model that is neither built in, nor a folder or .gguf
+    file that exists, nor shaped like a hub id (``org/name``); the message lists what works."""
+    text = str(spec).strip()
+    if builtin_name(text) is not None:
+        return
+    path = Path(text).expanduser()
+    if path.exists() or (text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf")):
+        return
+    what = "GGUF file" if text.lower().endswith(".gguf") else "model folder" if "/" in text or "\\" in text else "model"
+    raise ValueError(
+        f"unknown {what} {text!r}: not found here. Built-in models: {', '.join(OFFLINE_MODELS)}; "
+        "or pass a model folder, a .gguf file, or a Hugging Face hub id (org/name)"
+    )
+
+
 def resolve_model_folder(spec: str | Path) -> str:
     """Turn a built-in name, a .gguf file, a folder or a hub id into something `from_pretrained` takes."""
     text = str(spec)
@@ -140,6 +156,13 @@ def resolve_model_folder(spec: str | Path) -> str:
             raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
         return str(path)
     return text  # a hub id: transformers resolves it (and fails clearly when offline)
+
+
+def load_tokenizer(spec: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a model alone (seconds, no weights): to size inputs before loading it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_folder(spec), trust_remote_code=trust_remote_code)
 
 
 def load_model(

@@ -100,3 +100,70 @@ def test_calibrate_records_a_policy_that_ask_then_uses(index_dir, tmp_path):
 def test_a_bad_policy_is_refused_before_the_model_loads(index_dir):
     done = epic_rag("ask", "Anything?", "--index", str(index_dir), "--policy", "fastest")
     assert done.returncode == 2 and "unknown policy 'fastest'" in done.stderr
+
+
+def test_a_model_that_does_not_exist_is_refused_before_anything_loads(tmp_path, index_dir):
+    for command in (["index", str(SAMPLES), "--index", str(tmp_path / "i")], ["ask", "Hi?", "--index", str(index_dir)]):
+        done = epic_rag(*command, "--model", "qwen-nonexistent-7b")
+        assert done.returncode == 2 and "unknown model 'qwen-nonexistent-7b'" in done.stderr
+        assert "smollm2-135m-instruct" in done.stderr and "rebuild" not in done.stderr
+    assert not (tmp_path / "i").exists()
+
+
+def test_an_overlong_question_is_refused_before_the_model_loads(index_dir):
+    question = "Why? " * 600
+    done = epic_rag("ask", question, "--index", str(index_dir), "--max-question-tokens", "500")
+    assert done.returncode == 2 and "over the limit of 500" in done.stderr and "--max-question-tokens" in done.stderr
+    assert "Loading weights" not in done.stderr  # refused on the tokenizer alone
+    chat = epic_rag("chat", "--index", str(index_dir), "--max-question-tokens", "500", stdin=f"{question}\n/exit\n")
+    assert chat.returncode == 0 and "(not asked: the question is" in chat.stdout and "bot> " not in chat.stdout
+
+
+def test_ctrl_c_during_indexing_keeps_a_consistent_folder(tmp_path):
+    import signal
+    import time
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for page in sorted((Path(__file__).resolve().parents[1] / "examples" / "stdlib_docs").glob("*.txt"))[:6]:
+        shutil.copy(page, docs)  # enough chunks that indexing is still running when interrupted
+    index = tmp_path / "idx"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "epic_rag.cli", "index", str(docs), "--index", str(index), "--model", MODEL],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any((index / "kv").rglob("*.safetensors")):
+        time.sleep(0.2)  # interrupt once chunk KV is being written
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.decode().strip().splitlines()[-1] == "epic-rag: interrupted; nothing half-written was kept"
+    assert not list(index.rglob("*.part")) and not (index / "epic_rag_index.json").exists()
+    assert not (index / "storage").exists()  # a half-built index is never left looking whole
+    again = epic_rag("index", str(docs), "--index", str(index), "--model", MODEL)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((index / "epic_rag_index.json").read_text())["documents"] == 6
+
+
+def test_the_example_chatbot_rebuilds_when_the_documents_change_and_quits(tmp_path):
+    docs = tmp_path / "docs"
+    shutil.copytree(SAMPLES, docs)
+    script = Path(__file__).resolve().parents[1] / "examples" / "rag_chatbot.py"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def chatbot(stdin: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, str(script), "--docs", str(docs), "--index", str(tmp_path / "idx"), "--model", MODEL]
+        return subprocess.run(args, input=stdin, capture_output=True, text=True, env=env, timeout=600)
+
+    first = chatbot("/quit\n")
+    assert first.returncode == 0, first.stderr
+    assert "indexing" in first.stdout and "bot>" not in first.stdout  # /quit is not a question
+    same = chatbot("")  # Ctrl-D at the prompt
+    assert same.returncode == 0 and "indexing" not in same.stdout and "Traceback" not in same.stderr
+    (docs / "extra.md").write_text("The harbour office closes at noon on Fridays.\n")
+    changed = chatbot("/exit\n")
+    assert changed.returncode == 0 and "indexing" in changed.stdout
+    manifest = json.loads((tmp_path / "idx" / "epic_rag_index.json").read_text())
+    assert manifest["documents"] == len(list(SAMPLES.iterdir())) + 1

@@ -7,11 +7,13 @@ Reopening it loads both; the KV of every node is already in ``kv/``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,6 +52,7 @@ class IndexManifest:
     chunking: dict[str, Any] = field(default_factory=dict)
     policy: str | None = None  # recommended by `epic-rag calibrate`; used unless a policy is given
     calibration: dict[str, Any] = field(default_factory=dict)  # what the recommendation rests on
+    documents_digest: str | None = None  # sha256 over the documents read (paths and bytes)
 
     def write(self, index_dir: str | Path) -> None:
         path = Path(index_dir) / MANIFEST
@@ -64,6 +67,7 @@ class ReadReport:
 
     documents: list[Document]
     skipped: dict[str, str] = field(default_factory=dict)
+    digest: str = ""  # sha256 over every file's path and bytes: changes when any document does
 
     def summary(self) -> str:
         line = f"read {len(self.documents)} document(s)"
@@ -109,8 +113,11 @@ def read_documents(docs_dir: str | Path, strict: bool = False, progress: bool = 
         raise ValueError(f"documents folder {root} is empty: put some documents (.txt, .md, .pdf, .docx, .html) in it")
     readers = _file_readers()
     report = ReadReport([])
+    digest = hashlib.sha256()
     for path in tqdm(files, desc="reading documents", unit="file", disable=not progress):
         rel = path.relative_to(root).as_posix()
+        digest.update(f"{rel}\0{path.stat().st_size}\0".encode())
+        digest.update(path.read_bytes())
         try:
             text = _read_one(path, readers)
         except ValueError as err:
@@ -123,6 +130,7 @@ def read_documents(docs_dir: str | Path, strict: bool = False, progress: bool = 
             report.skipped[rel] = "no text in it (empty, or a scanned PDF without a text layer)"
             continue
         report.documents.append(Document(text=text, id_=rel, metadata={"file_name": rel}))
+    report.digest = digest.hexdigest()
     if report.skipped and strict:
         raise ValueError(f"--strict: cannot read {len(report.skipped)} file(s) in {root}: " + report.summary())
     if report.skipped:
@@ -202,7 +210,8 @@ def build_index(
 ) -> RagApp:
     """Read, split, precompute KV, embed, and persist; returns the opened app (`strict`: refuse a
     folder with an unreadable file instead of skipping it; `documents`: the folder already read)."""
-    docs = (documents or read_documents(docs_dir, strict=strict, progress=show_progress)).documents
+    report = documents or read_documents(docs_dir, strict=strict, progress=show_progress)
+    docs = report.documents
     index_dir = Path(index_dir)
     engine = engine or EpicEngine.from_pretrained(model, store_dir=index_dir / "kv")
     llm, embed = EpicLLM(engine, model_name=model), SentenceTransformerEmbedding()
@@ -217,12 +226,39 @@ def build_index(
         transformations=[parser, EpicKVPrecompute(engine, show_progress=show_progress)],
         show_progress=show_progress,
     )
-    storage.persist(persist_dir=str(index_dir / "storage"))
+    _persist_atomically(storage, index_dir / "storage")
     manifest = IndexManifest(
-        model, engine.fingerprint, DEFAULT_EMBED_MODEL, len(docs), len(index.docstore.docs), parser_kwargs
+        model,
+        engine.fingerprint,
+        DEFAULT_EMBED_MODEL,
+        len(docs),
+        len(index.docstore.docs),
+        parser_kwargs,
+        documents_digest=report.digest,
     )
     manifest.write(index_dir)
     return RagApp(index, llm, embed, **app_kwargs)
+
+
+def index_is_current(index_dir: str | Path, documents: ReadReport, model: str) -> bool:
+    """True when `index_dir` holds an index of exactly these documents built with `model`."""
+    if not (Path(index_dir) / MANIFEST).is_file():
+        return False
+    manifest = read_manifest(index_dir)
+    return manifest.documents_digest == documents.digest and _same_model(manifest.model) == _same_model(model)
+
+
+def _persist_atomically(storage: StorageContext, folder: Path) -> None:
+    """Persist into a fresh sibling folder, then swap it in: an interrupted build leaves the
+    previous index whole (and a leftover from one is cleared on the next)."""
+    fresh, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    storage.persist(persist_dir=str(fresh))
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(fresh, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(index_dir: str | Path) -> IndexManifest:
@@ -251,7 +287,8 @@ def open_index(
     if model is not None and _same_model(model) != _same_model(manifest.model):
         raise ValueError(
             f"index {index_dir} was built with model {manifest.model!r}, not {model!r}: "
-            f"ask with --model {manifest.model}, or rebuild it with `epic-rag index ... --model {model}`"
+            f"use --model {manifest.model} (or leave --model out), or build an index for {model!r} with "
+            f"`epic-rag index DOCS_DIR --index NEW_DIR --model {model}`"
         )
     engine = engine or EpicEngine.from_pretrained(manifest.model, store_dir=index_dir / "kv")
     if engine.fingerprint != manifest.fingerprint:

@@ -11,17 +11,21 @@ from typing import Any
 
 from epic_rag import DEFAULT_MODEL, parse_policy
 from epic_rag.calibration import CANDIDATES
+from epic_rag.model import check_model_spec
 
 from .handoff import Handoff, current_handoff
 
 RESPONSE_MODES = ("compact", "simple_summarize", "refine", "tree_summarize")
+MAX_QUESTION_TOKENS = 1024  # one request cannot take minutes and gigabytes by accident
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     index = subparsers.add_parser("index", help="build a FAISS index and KV store from a documents folder")
     index.add_argument("docs_dir", metavar="DOCS_DIR", help="folder of documents (.txt, .md, .pdf, .docx, .html)")
     index.add_argument("--index", required=True, metavar="INDEX_DIR", help="folder to write the index to")
-    index.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, folder or .gguf (default {DEFAULT_MODEL})")
+    index.add_argument(
+        "--model", type=_model, default=DEFAULT_MODEL, help=f"model name, folder or .gguf (default {DEFAULT_MODEL})"
+    )
     index.add_argument("--target-tokens", type=int, default=256, help="chunk size KVSplit aims for (LLM tokens)")
     index.add_argument("--max-tokens", type=int, default=384, help="hard maximum chunk size (LLM tokens)")
     index.add_argument("--min-tokens", type=int, default=48, help="minimum chunk size unless a document is shorter")
@@ -42,9 +46,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             help="recompute policy, e.g. attnlink:16, guided:16, full, reuse, cacheblend:0.15 (default: the one "
             "`epic-rag calibrate` recorded for the index, else the model's default, shown by `epic-rag info`)",
         )
-        p.add_argument("--model", default=None, help="must be the model that built the index (default: that one)")
+        p.add_argument(
+            "--model", type=_model, default=None, help="must be the model that built the index (default: that one)"
+        )
         p.add_argument("--top-k", type=int, default=3, help="chunks to retrieve (default 3)")
         p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+        p.add_argument(
+            "--max-question-tokens",
+            type=int,
+            default=MAX_QUESTION_TOKENS,
+            help=f"refuse longer questions before any work (default {MAX_QUESTION_TOKENS})",
+        )
         if name == "ask":
             p.add_argument("--response-mode", default="compact", choices=RESPONSE_MODES)
         p.set_defaults(func=_ask if name == "ask" else _chat)
@@ -82,6 +94,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(spec: str) -> str:
+    """argparse type: a model that does not exist is refused before anything loads."""
+    try:
+        check_model_spec(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return spec
+
+
 def _policy(spec: str):
     """argparse type: a bad policy is refused before any model is loaded."""
     try:
@@ -107,6 +128,38 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+class QuestionTooLong(ValueError):
+    """A question over the CLI's limit or the model's window."""
+
+
+def _question_limit(args: argparse.Namespace):
+    """A check of one question's length, ready before the model loads (only its tokenizer)."""
+    from transformers import AutoConfig
+
+    from epic_rag.model import load_tokenizer, resolve_model_folder
+
+    from .app import read_manifest
+
+    model = args.model or read_manifest(args.index).model
+    tokenizer = load_tokenizer(model)
+    window = int(AutoConfig.from_pretrained(resolve_model_folder(model)).max_position_embeddings)
+
+    def check(question: str) -> None:
+        n = len(tokenizer(question, add_special_tokens=False)["input_ids"])
+        if n > window - args.max_new_tokens:
+            raise QuestionTooLong(
+                f"the question is {n} tokens; the model's window is {window} tokens with {args.max_new_tokens} kept "
+                "for the answer: shorten it"
+            )
+        if n > args.max_question_tokens:
+            raise QuestionTooLong(
+                f"the question is {n} tokens, over the limit of {args.max_question_tokens}: shorten it, or raise "
+                "--max-question-tokens"
+            )
+
+    return check
+
+
 def _open(args: argparse.Namespace):
     from .app import open_index, read_manifest
 
@@ -119,6 +172,10 @@ def _open(args: argparse.Namespace):
 def _ask(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValueError("the question is empty")
+    from .app import read_manifest
+
+    read_manifest(args.index)
+    _question_limit(args)(args.question)  # before the model loads
     app = _open(args)
     response = app.query_engine(response_mode=args.response_mode).query(args.question)
     print(str(response).strip())
@@ -128,22 +185,28 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
+    check = _question_limit(args)
     app = _open(args)
     chat = app.chat_engine()
-    print("epic-rag chat: ask about the indexed documents. /reset clears the conversation, /quit exits.")
+    print("epic-rag chat: ask about the indexed documents. /reset clears the conversation; /quit, /exit, Ctrl-D leave.")
     while True:
         try:
             line = input("you> ").strip()
         except EOFError:
             print()
             break
-        if line == "/quit":
+        if line in ("/quit", "/exit"):
             break
         if line == "/reset":
             chat.reset()
             print("(conversation cleared)")
             continue
         if not line:
+            continue
+        try:
+            check(line)
+        except QuestionTooLong as err:
+            print(f"(not asked: {err})")
             continue
         response = chat.stream_chat(line)
         handoff = current_handoff()
