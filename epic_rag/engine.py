@@ -48,11 +48,14 @@ class EpicEngine:
         chunk_separator: str = "\n\n",
         use_chat_template: bool | None = None,
         default_policy: Policy = DEFAULT_POLICY,
+        progress_tokens: int | None = None,
     ) -> None:
         """`default_policy` answers calls that name none (`from_pretrained` sets the one measured
-        best for a built-in model)."""
+        best for a built-in model); a prefill computing `progress_tokens` tokens or more shows a
+        progress bar over the layers (None: never)."""
         check_supported(model.config)
         self.default_policy = parse_policy(default_policy)
+        self.progress_tokens = progress_tokens
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.rotary = rotary_facts(model)
@@ -240,7 +243,8 @@ class EpicEngine:
             self._run(cache, layout, probed, layout.length, hook=probe_hook, logits=None)
 
         positions = policy.refine(layout, positions, Probe(self.n_layers, probe_run))
-        out = self._run(cache, layout, positions, layout.length, hook=hook)
+        progress = self.progress_tokens is not None and positions.numel() >= self.progress_tokens
+        out = self._run(cache, layout, positions, layout.length, hook=hook, progress=progress)
         stats.recompute_s = time.perf_counter() - t0
         stats.tokens_recomputed = out.positions.numel()
         stats.tokens_reused = layout.length - positions.numel()

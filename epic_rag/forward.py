@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .cache import PositionalKVCache
 from .rescale import attention_rescaled
@@ -76,11 +77,12 @@ def run_layers(
     length: int,
     hook: LayerHook | None = None,
     logits: str | None = "last",
+    progress: bool = False,
 ) -> ForwardOutput:
     """Run `token_ids` ([S]) at `positions` ([S], sorted) against the first `length` cache slots.
 
     `logits`: "last" (next-token logits of the last position), "all" (every position) or
-    None (fill the cache only)."""
+    None (fill the cache only). `progress` shows a bar over the layers (long prefills)."""
     inner = model.model
     device = model.device
     cache.begin(positions, length)
@@ -91,7 +93,8 @@ def run_layers(
     rescaling = cache.rescale is not None and bool(cache.linked[:, :length].any())
     extra = {"epic_rescale": (cache.rescale, cache.linked)} if rescaling else {}
     with attention_rescaled(model) if rescaling else nullcontext():
-        for i, layer in enumerate(inner.layers):
+        layers = tqdm(inner.layers, desc=f"prefill of {positions.numel()} tokens", unit="layer", disable=not progress)
+        for i, layer in enumerate(layers):
             hooked = hook is not None and i in hook.layers
             if hooked:
                 hook.before(LayerState(i, layer, hidden, positions, cos, sin, cache, length))

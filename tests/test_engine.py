@@ -134,3 +134,14 @@ def test_the_default_policy_answers_calls_that_name_none():
     for name, entry in OFFLINE_MODELS.items():
         assert builtin_policy(name) == entry.policy and parse_policy(entry.policy).spec == entry.policy
     assert builtin_policy("some/hub-model") is None
+
+
+def test_a_long_prefill_shows_progress_over_the_layers(capsys):
+    engine = tiny_engine("llama")
+    layout = engine.layout("what is here?", ["The first chunk talks about rivers."])
+    engine.prefill(layout, "full")
+    assert "prefill of" not in capsys.readouterr().err  # no bar unless asked for
+    engine.progress_tokens = layout.length
+    engine.prefill(layout, "full")
+    err = capsys.readouterr().err
+    assert f"prefill of {layout.length} tokens" in err and f"{engine.n_layers}/{engine.n_layers}" in err

@@ -37,6 +37,7 @@ from .precompute import EpicKVPrecompute
 logger = logging.getLogger(__name__)
 
 MANIFEST = "epic_rag_index.json"
+LONG_PREFILL_TOKENS = 4096  # a prefill computing this many tokens shows a progress bar
 SKIP_DIRS = {".git", "__pycache__", ".ipynb_checkpoints"}
 
 
@@ -290,7 +291,9 @@ def open_index(
             f"use --model {manifest.model} (or leave --model out), or build an index for {model!r} with "
             f"`epic-rag index DOCS_DIR --index NEW_DIR --model {model}`"
         )
-    engine = engine or EpicEngine.from_pretrained(manifest.model, store_dir=index_dir / "kv")
+    engine = engine or EpicEngine.from_pretrained(
+        manifest.model, store_dir=index_dir / "kv", progress_tokens=LONG_PREFILL_TOKENS
+    )
     if engine.fingerprint != manifest.fingerprint:
         raise ValueError(
             f"index {index_dir} was built with other weights than the loaded {manifest.model!r} "
