@@ -170,6 +170,15 @@ class EpicEngine:
             out.append(f"kv:{key}")
         return out
 
+    def known_chunk(self, text: str, key: str | None = None) -> tuple[torch.Tensor, str]:
+        """(ids, store key) of a chunk text, honouring `key` when it names a stored entry of these
+        tokens (one compiled after its neighbour); see `PromptBuilder.known_chunk`."""
+        return self.prompt.known_chunk(text, key, self._stored_entry)
+
+    def _stored_entry(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        entry = self.store.get(key)
+        return (entry.token_ids, entry.context_ids) if entry is not None else None
+
     def _stored_ids(self, key: str) -> torch.Tensor | None:
         entry = self.store.get(key)
         return entry.token_ids if entry is not None else None

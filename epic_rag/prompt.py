@@ -21,6 +21,8 @@ _STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>")
 
 # store key -> token ids of a chunk known only by its id ("kv:<key>"); None when unknown
 IdsLookup = Callable[[str], "torch.Tensor | None"]
+# store key -> (token ids, ids it was compiled after or None) of the stored entry; None when absent
+EntryLookup = Callable[[str], "tuple[torch.Tensor, torch.Tensor | None] | None"]
 
 
 class UnknownChunkError(KeyError):
@@ -71,16 +73,24 @@ class PromptBuilder:
         """The ids the chunk stored under `key` was compiled after, when known (None: alone)."""
         return self._contexts.get(key) if key is not None else None
 
-    def known_chunk(self, text: str, key: str | None = None) -> tuple[torch.Tensor, str]:
-        """(ids, store key) of a chunk text: the ids noted under `key` when there are any,
-        else the text tokenized once (and noted)."""
+    def known_chunk(
+        self, text: str, key: str | None = None, lookup: EntryLookup | None = None
+    ) -> tuple[torch.Tensor, str]:
+        """(ids, store key) of a chunk text: the ids noted under `key` when there are any; else
+        the text tokenized once (and noted) under `key` when the store's entry for `key` holds
+        these tokens (an entry compiled after its neighbour), or under its own key."""
         ids = self._known_ids.get(key) if key is not None else None
         if ids is not None:
             return ids, key
         ids = self.chunk_token_ids(text)
-        key = self.key_of(ids)
-        self._known_ids[key] = ids
-        return ids, key
+        plain = self.key_of(ids)
+        if key is not None and key != plain and lookup is not None:
+            stored = lookup(key)
+            if stored is not None and torch.equal(stored[0], ids):
+                self.remember(key, ids, stored[1])
+                return ids, key
+        self._known_ids[plain] = ids
+        return ids, plain
 
     def chunk(self, chunk: str, lookup: IdsLookup) -> tuple[torch.Tensor, str]:
         """Chunk text or chunk id ('kv:<key>') -> (token ids, store key)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,9 +143,15 @@ def test_ctrl_c_during_indexing_keeps_a_consistent_folder(tmp_path):
     assert err.decode().strip().splitlines()[-1] == "epic-rag: interrupted; nothing half-written was kept"
     assert not list(index.rglob("*.part")) and not (index / "epic_rag_index.json").exists()
     assert not (index / "storage").exists()  # a half-built index is never left looking whole
-    again = epic_rag("index", str(docs), "--index", str(index), "--model", MODEL)
+    again = epic_rag("index", str(docs), "--index", str(index), "--model", MODEL, "--compile", "neighbour")
     assert again.returncode == 0, again.stderr
-    assert json.loads((index / "epic_rag_index.json").read_text())["documents"] == 6
+    manifest = json.loads((index / "epic_rag_index.json").read_text())
+    assert manifest["documents"] == 6 and manifest["compile"] == "neighbour"
+    # a new process resolves the neighbour-compiled entries from the keys in the nodes' metadata
+    asked = epic_rag("ask", "What does base64.b64encode return?", "--index", str(index), "--max-new-tokens", "4")
+    assert asked.returncode == 0, asked.stderr
+    hits, misses = (int(x) for x in re.search(r"cache hits: (\d+), misses: (\d+)", asked.stdout).groups())
+    assert hits >= 3 and misses <= 1  # only the first-seen prompt prefix may miss
 
 
 def test_the_example_chatbot_rebuilds_when_the_documents_change_and_quits(tmp_path):

@@ -69,3 +69,26 @@ def test_one_predecessor_per_chunk_is_required():
     engine = tiny_engine("llama")
     with pytest.raises(ValueError, match="one per chunk"):
         engine.add_chunks([FIRST, SECOND], after=[None])
+
+
+def test_the_indexing_hook_compiles_after_the_previous_node_and_a_new_process_finds_it():
+    from epic_rag.integrations.llama_index import EpicKVPrecompute
+    from epic_rag.integrations.llama_index.handoff import KV_KEY
+    from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
+
+    store = KVStore()
+    engine = tiny_engine("qwen2", store=store)
+    first, second, other = TextNode(text=FIRST), TextNode(text=SECOND), TextNode(text="Unrelated words.")
+    second.relationships[NodeRelationship.PREVIOUS] = RelatedNodeInfo(node_id=first.node_id)
+    EpicKVPrecompute(engine, neighbour_context=True, show_progress=False)([first, second, other])
+    ids = [engine.chunk_token_ids(t) for t in (FIRST, SECOND, "Unrelated words.")]
+    assert first.metadata[KV_KEY] == engine.key_of(ids[0])  # a document's first node: alone
+    assert second.metadata[KV_KEY] == engine.key_of(ids[1], ids[0])
+    assert other.metadata[KV_KEY] == engine.key_of(ids[2])
+
+    later = tiny_engine("qwen2", store=store)  # another process: nothing remembered, same store
+    found_ids, key = later.known_chunk(SECOND, second.metadata[KV_KEY])
+    assert key == second.metadata[KV_KEY] and torch.equal(found_ids, ids[1])
+    assert torch.equal(later.prompt.context_of(key), ids[0])  # a lost entry would be compiled the same way
+    fresh = tiny_engine("qwen2", store=store)  # a key whose entry holds other tokens is not taken
+    assert fresh.known_chunk("Unrelated words.", second.metadata[KV_KEY])[1] == engine.key_of(ids[2])

@@ -37,6 +37,7 @@ from .precompute import EpicKVPrecompute
 logger = logging.getLogger(__name__)
 
 MANIFEST = "epic_rag_index.json"
+COMPILE_MODES = ("alone", "neighbour")
 LONG_PREFILL_TOKENS = 4096  # a prefill computing this many tokens shows a progress bar
 SKIP_DIRS = {".git", "__pycache__", ".ipynb_checkpoints"}
 
@@ -54,6 +55,7 @@ class IndexManifest:
     policy: str | None = None  # recommended by `epic-rag calibrate`; used unless a policy is given
     calibration: dict[str, Any] = field(default_factory=dict)  # what the recommendation rests on
     documents_digest: str | None = None  # sha256 over the documents read (paths and bytes)
+    compile: str = "alone"  # chunk KV compiled alone, or after the chunk before it ("neighbour")
 
     def write(self, index_dir: str | Path) -> None:
         path = Path(index_dir) / MANIFEST
@@ -207,10 +209,14 @@ def build_index(
     parser_kwargs: dict[str, Any] | None = None,
     strict: bool = False,
     documents: ReadReport | None = None,
+    compile: str = "alone",
     **app_kwargs: Any,
 ) -> RagApp:
     """Read, split, precompute KV, embed, and persist; returns the opened app (`strict`: refuse a
-    folder with an unreadable file instead of skipping it; `documents`: the folder already read)."""
+    folder with an unreadable file instead of skipping it; `documents`: the folder already read;
+    `compile`: "alone" or "neighbour", each chunk's KV compiled after the chunk before it)."""
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {compile!r}; choose one of {', '.join(COMPILE_MODES)}")
     report = documents or read_documents(docs_dir, strict=strict, progress=show_progress)
     docs = report.documents
     index_dir = Path(index_dir)
@@ -224,7 +230,10 @@ def build_index(
         docs,
         storage_context=storage,
         embed_model=embed,
-        transformations=[parser, EpicKVPrecompute(engine, show_progress=show_progress)],
+        transformations=[
+            parser,
+            EpicKVPrecompute(engine, show_progress=show_progress, neighbour_context=compile == "neighbour"),
+        ],
         show_progress=show_progress,
     )
     _persist_atomically(storage, index_dir / "storage")
@@ -236,6 +245,7 @@ def build_index(
         len(index.docstore.docs),
         parser_kwargs,
         documents_digest=report.digest,
+        compile=compile,
     )
     manifest.write(index_dir)
     return RagApp(index, llm, embed, **app_kwargs)

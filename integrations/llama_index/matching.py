@@ -96,7 +96,7 @@ def _locate(
     first = token_at.get(start)
     if first is None or first < token_cursor:
         return None
-    entry_ids, key = engine.prompt.known_chunk(text, key)
+    entry_ids, key = engine.known_chunk(text, key)
     room = ids.numel() - 1 - first  # the last prompt token always stays computed
     n = min(entry_ids.numel(), room)
     same = (entry_ids[:n] == ids[first : first + n]).long()

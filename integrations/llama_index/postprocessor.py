@@ -70,7 +70,7 @@ class EpicKVPostprocessor(BaseNodePostprocessor):
             text = llm_text(n.node)
             if text:
                 texts.append(text)
-                keys.append(self._engine.prompt.known_chunk(text, node_key(n.node))[1])
+                keys.append(self._engine.known_chunk(text, node_key(n.node))[1])
         query = query_bundle.query_str if query_bundle is not None else None
         return ordered, Handoff(chunks=texts, keys=keys, query=query)
 

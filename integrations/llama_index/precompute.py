@@ -25,6 +25,9 @@ class EpicKVPrecompute(TransformComponent):
     """Precompute and store the KV of every node (nodes pass through unchanged)."""
 
     show_progress: bool = Field(default=True, description="show a progress bar")
+    neighbour_context: bool = Field(
+        default=False, description="compile each node after the node before it in its document"
+    )
 
     _engine: EpicEngine = PrivateAttr()
 
@@ -42,8 +45,19 @@ class EpicKVPrecompute(TransformComponent):
                 if KV_KEY not in hidden:
                     hidden.append(KV_KEY)
         keyed = [(n, t) for n, t in ((n, llm_text(n)) for n in nodes) if t]
+        after = self._predecessors(keyed) if self.neighbour_context else None
         with engine_lock(self._engine):
-            chunk_ids = self._engine.add_chunks([t for _, t in keyed], progress=self.show_progress and bool(keyed))
+            chunk_ids = self._engine.add_chunks(
+                [t for _, t in keyed], progress=self.show_progress and bool(keyed), after=after
+            )
         for (node, _), chunk_id in zip(keyed, chunk_ids, strict=True):
             node.metadata[KV_KEY] = chunk_id.removeprefix("kv:")
         return nodes
+
+    @staticmethod
+    def _predecessors(keyed: list[tuple[BaseNode, str]]) -> list[str | None]:
+        """Per node, the text of the node before it in its document (None for a first node, or
+        when that node is not in this batch)."""
+        text_of = {node.node_id: text for node, text in keyed}
+        previous = [node.prev_node.node_id if node.prev_node is not None else None for node, _ in keyed]
+        return [text_of.get(p) if p is not None else None for p in previous]
