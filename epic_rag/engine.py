@@ -159,7 +159,11 @@ class EpicEngine:
         if after is not None and len(after) != len(texts):
             raise ValueError(f"after= names {len(after)} predecessors for {len(texts)} chunks; give one per chunk")
         ids = [self.chunk_token_ids(t) for t in texts]
-        contexts = [None if a is None else self.chunk_token_ids(a) for a in (after or [None] * len(texts))]
+        tokenized = dict(zip(texts, ids, strict=True))  # a predecessor is usually one of `texts`
+        contexts = [
+            None if a is None else tokenized[a] if a in tokenized else self.chunk_token_ids(a)
+            for a in after or [None] * len(ids)
+        ]
         out = []
         show = len(ids) > 1 if progress is None else progress
         pairs = zip(ids, contexts, strict=True)

@@ -87,12 +87,12 @@ def _file_readers() -> dict[str, Any]:
     return {".pdf": pdf, ".docx": DocxReader(), ".html": html, ".htm": html}
 
 
-def _read_one(path: Path, readers: dict[str, Any]) -> str:
-    """The text of one file; raises ValueError with the reason when it has none."""
+def _read_one(path: Path, raw: bytes, readers: dict[str, Any]) -> str:
+    """The text of one file (`raw`: its bytes); raises ValueError with the reason when it has none."""
     reader = readers.get(path.suffix.lower())
     if reader is None:
         try:
-            return path.read_text(encoding="utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError("not text: a binary file of a format epic-rag does not read") from None
     try:
@@ -119,10 +119,11 @@ def read_documents(docs_dir: str | Path, strict: bool = False, progress: bool = 
     digest = hashlib.sha256()
     for path in tqdm(files, desc="reading documents", unit="file", disable=not progress):
         rel = path.relative_to(root).as_posix()
-        digest.update(f"{rel}\0{path.stat().st_size}\0".encode())
-        digest.update(path.read_bytes())
         try:
-            text = _read_one(path, readers)
+            raw = path.read_bytes()
+            digest.update(f"{rel}\0{len(raw)}\0".encode())
+            digest.update(raw)
+            text = _read_one(path, raw, readers)
         except ValueError as err:
             report.skipped[rel] = str(err)
             continue
