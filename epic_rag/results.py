@@ -70,6 +70,12 @@ class TokenStream:
     def __iter__(self) -> Iterator[str]:
         return self._deltas
 
+    def close(self) -> None:
+        """Stop generating now (the caller lost interest); `.result` stays unset."""
+        close = getattr(self._deltas, "close", None)
+        if close is not None:
+            close()
+
     @property
     def result(self) -> Generation:
         if not self._box:

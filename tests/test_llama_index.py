@@ -11,6 +11,7 @@ import torch
 from epic_rag.integrations.llama_index import EpicLLM, current_handoff, last_call
 from epic_rag.integrations.llama_index.app import build_index, open_index
 from epic_rag.integrations.llama_index.handoff import KV_KEY, Handoff, llm_text, set_handoff
+from epic_rag.integrations.llama_index.prompts import NOT_IN_DOCUMENTS
 from llama_index.core.schema import MetadataMode
 
 from epic_rag import EpicEngine, KVStore
@@ -91,6 +92,49 @@ def test_response_modes(app, mode):
         assert handoff.calls[0].chunks_matched == len(response.source_nodes)
     if mode == "refine":
         assert handoff.calls[0].chunks_matched == 1
+
+
+def test_answers_are_asked_to_say_when_the_documents_lack_them(app):
+    prompts = app.query_engine().get_prompts()
+    assert NOT_IN_DOCUMENTS in prompts["response_synthesizer:text_qa_template"].get_template()
+    messages = app.chat_engine()._get_response_synthesizer([])._text_qa_template.message_templates
+    assert NOT_IN_DOCUMENTS in messages[0].content
+
+
+def _chat_totals(app, history_tokens: int, turns: int = 3) -> list[int]:
+    """Prompt tokens of each turn when the same question is asked `turns` times in one chat."""
+    chat, totals = app.chat_engine(history_tokens=history_tokens), []
+    for _ in range(turns):
+        set_handoff(None)
+        chat.chat(QUESTION)
+        [call] = current_handoff().calls
+        assert call.chunks_matched == 3
+        totals.append(call.tokens_total)
+    return totals
+
+
+def test_chat_history_stays_within_its_token_bound(app):
+    none = _chat_totals(app, history_tokens=1)
+    assert none[0] == none[1] == none[2]  # no earlier turn fits: none in the prompt
+    bounded, unbounded = _chat_totals(app, history_tokens=40), _chat_totals(app, history_tokens=10_000)
+    template = 12  # role markers around the kept messages
+    assert bounded[0] == unbounded[0] == none[0]
+    assert bounded[2] - bounded[0] <= 40 + template < unbounded[2] - unbounded[0]
+
+
+def test_condensing_chat_retrieves_on_the_standalone_question(app):
+    chat = app.chat_engine(retrieval="condense")
+    set_handoff(None)
+    chat.chat("What does the Skylark S3 cost?")
+    assert chat.condense_call is None and chat.condensed == "What does the Skylark S3 cost?"
+    set_handoff(None)
+    chat.chat("And how much does it weigh?")
+    handoff = current_handoff()
+    assert chat.condense_call is not None and chat.condense_call.chunks_handed == 0
+    assert chat.condensed and handoff.query == chat.condensed
+    assert [c.chunks_matched for c in handoff.calls] == [3]  # the condense call is not counted as this answer's
+    with pytest.raises(ValueError, match="unknown chat retrieval"):
+        app.chat_engine(retrieval="everything")
 
 
 def test_without_postprocessor_is_plain_generation(app):

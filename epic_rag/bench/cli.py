@@ -1,6 +1,8 @@
-"""`epic-rag bench ...` subcommands."""
+"""`epic-rag bench ...` subcommands; integrations add theirs through the ``epic_rag.bench`` entry points."""
 
 from __future__ import annotations
+
+from importlib.metadata import entry_points
 
 
 def register(subparsers) -> None:
@@ -22,3 +24,5 @@ def register(subparsers) -> None:
     needle_args(needle)
     scaling = kinds.add_parser("scaling", help="TTFT and peak memory as the context grows; indexing cost")
     scaling_args(scaling)
+    for entry in entry_points(group="epic_rag.bench"):
+        entry.load()(kinds)

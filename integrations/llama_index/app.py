@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex, load_index_from_storage
+from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.chat_engine import CondensePlusContextChatEngine, ContextChatEngine
 from tqdm.auto import tqdm
 
 from epic_rag import DEFAULT_MODEL, EpicEngine, RecomputePolicy
@@ -28,17 +30,21 @@ from epic_rag.calibration import CANDIDATES, PolicyScore, Sample, calibrate, rec
 from epic_rag.offline import builtin_name
 
 from .embeddings import DEFAULT_EMBED_MODEL, SentenceTransformerEmbedding
-from .handoff import Handoff, current_handoff, llm_text
-from .llm import EpicLLM
+from .handoff import CallReport, Handoff, current_handoff, llm_text, set_handoff
+from .history import BoundedHistory
+from .llm import EpicLLM, last_call
 from .node_parser import KVSplitNodeParser
 from .postprocessor import EpicKVPostprocessor
 from .precompute import EpicKVPrecompute
+from .prompts import CHAT_CONTEXT_TEMPLATE, CHAT_REFINE_TEMPLATE, CHAT_SYSTEM_PROMPT, QA_PROMPT, REFINE_PROMPT
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "epic_rag_index.json"
 COMPILE_MODES = ("alone", "neighbour")
 LONG_PREFILL_TOKENS = 4096  # a prefill computing this many tokens shows a progress bar
+CHAT_RETRIEVAL = ("latest", "condense")
+HISTORY_TOKENS = 768  # earlier chat turns kept in the prompt (recomputed every turn)
 SKIP_DIRS = {".git", "__pycache__", ".ipynb_checkpoints"}
 
 
@@ -176,6 +182,9 @@ class RagApp:
         return self.llm.engine
 
     def query_engine(self, response_mode: str = "compact", streaming: bool = False, **kwargs: Any):
+        """A query engine whose prompt keeps answers to the context and says so when it lacks them."""
+        kwargs.setdefault("text_qa_template", QA_PROMPT)
+        kwargs.setdefault("refine_template", REFINE_PROMPT)
         return self.index.as_query_engine(
             llm=self.llm,
             similarity_top_k=self.top_k,
@@ -185,13 +194,42 @@ class RagApp:
             **kwargs,
         )
 
-    def chat_engine(self, **kwargs: Any):
-        """A chat engine with memory: each turn retrieves, and the context goes into its system prompt."""
-        return self.index.as_chat_engine(
-            chat_mode="context",
-            llm=self.llm,
-            similarity_top_k=self.top_k,
-            node_postprocessors=[self.postprocessor],
+    def chat_engine(
+        self,
+        retrieval: str = "latest",
+        history_tokens: int = HISTORY_TOKENS,
+        extra_system: str | None = None,
+        **kwargs: Any,
+    ):
+        """A chat engine with bounded memory; each turn retrieves and the context leads its prompt.
+
+        `retrieval`: "latest" retrieves on the user's latest message; "condense" first has the
+        model rewrite it, with the history, into a standalone question (one more LLM call per
+        follow-up). `history_tokens` bounds the earlier turns kept in the prompt: they are
+        recomputed every turn, so they cost time and crowd the window. `extra_system`: the
+        caller's own instructions, after ours."""
+        if retrieval not in CHAT_RETRIEVAL:
+            raise ValueError(f"unknown chat retrieval {retrieval!r}: use one of {', '.join(CHAT_RETRIEVAL)}")
+        if history_tokens < 0:
+            raise ValueError(f"history_tokens must be >= 0, got {history_tokens}")
+        common = {
+            "retriever": self.index.as_retriever(similarity_top_k=self.top_k),
+            "llm": self.llm,
+            "memory": BoundedHistory.from_defaults(history_tokens, Settings.tokenizer),
+            "system_prompt": CHAT_SYSTEM_PROMPT + (f"\n{extra_system.strip()}" if extra_system else ""),
+            "node_postprocessors": [self.postprocessor],
+        }
+        if retrieval == "condense":
+            return CondensingChatEngine.from_defaults(
+                context_prompt=CHAT_CONTEXT_TEMPLATE,
+                context_refine_prompt=CHAT_REFINE_TEMPLATE,
+                **common,
+                **kwargs,
+            )
+        return ContextChatEngine.from_defaults(
+            context_template=CHAT_CONTEXT_TEMPLATE,
+            context_refine_template=CHAT_REFINE_TEMPLATE,
+            **common,
             **kwargs,
         )
 
@@ -199,6 +237,22 @@ class RagApp:
         """(LlamaIndex response, this query's handoff with hit/miss counts and per-call stats)."""
         response = self.query_engine(response_mode=response_mode).query(question)
         return response, current_handoff()
+
+
+class CondensingChatEngine(CondensePlusContextChatEngine):
+    """Condense-then-retrieve chat that keeps what the condense step asked and cost.
+
+    `condensed` is the standalone question the latest turn retrieved on; `condense_call` the
+    report of the model call that wrote it (None when the turn had no history to condense)."""
+
+    condensed: str | None = None
+    condense_call: CallReport | None = None
+
+    def _condense_question(self, chat_history: list[ChatMessage], latest_message: str) -> str:
+        set_handoff(None)  # the condense call links no chunks; its report must not land in another query's
+        self.condensed = super()._condense_question(chat_history, latest_message).strip() or latest_message
+        self.condense_call = last_call() if chat_history else None
+        return self.condensed
 
 
 def build_index(

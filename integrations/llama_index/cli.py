@@ -6,6 +6,7 @@ Registered through the ``epic_rag.cli`` entry-point group; `register` adds the p
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -13,9 +14,11 @@ from epic_rag import DEFAULT_MODEL, parse_policy
 from epic_rag.calibration import CANDIDATES
 from epic_rag.model import check_model_spec
 
-from .handoff import Handoff, current_handoff
+from .app import CHAT_RETRIEVAL, HISTORY_TOKENS
+from .handoff import CallReport, Handoff, current_handoff, set_handoff
 
 RESPONSE_MODES = ("compact", "simple_summarize", "refine", "tree_summarize")
+API_KEY_ENV = "EPIC_RAG_API_KEY"
 MAX_QUESTION_TOKENS = 1024  # one request cannot take minutes and gigabytes by accident
 
 
@@ -66,8 +69,85 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
         if name == "ask":
             p.add_argument("--response-mode", default="compact", choices=RESPONSE_MODES)
+        else:
+            p.add_argument(
+                "--retrieval",
+                choices=CHAT_RETRIEVAL,
+                default="latest",
+                help="retrieve on the latest message (default) or on a standalone question the model "
+                "condenses from the history first (one more model call per follow-up)",
+            )
+            p.add_argument(
+                "--history-tokens",
+                type=int,
+                default=HISTORY_TOKENS,
+                help=f"earlier turns kept in the prompt, in tokens; older ones are dropped (default {HISTORY_TOKENS})",
+            )
         p.set_defaults(func=_ask if name == "ask" else _chat)
     register_calibrate(subparsers)
+    register_serve(subparsers)
+
+
+def register_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible chat server over an index, with a web chat at /")
+    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="an index built by `epic-rag index`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--policy", type=_policy, default=None, help="default recompute policy (a request may ask for another)"
+    )
+    p.add_argument(
+        "--model", type=_model, default=None, help="must be the model that built the index (default: that one)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}); needed to bind beyond 127.0.0.1",
+    )
+    p.add_argument("--model-id", default=None, help="the model id clients use (default: the index folder's name)")
+    p.add_argument("--top-k", type=int, default=3, help="chunks to retrieve unless a request says (default 3)")
+    p.add_argument("--max-question-tokens", type=int, default=MAX_QUESTION_TOKENS)
+    p.add_argument("--max-tokens", type=int, default=1024, help="the most answer tokens a request may ask for")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads for the one running request (default: the CPU count)"
+    )
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    try:
+        import uvicorn
+
+        from .server import check_bind, create_app
+    except ImportError as err:
+        missing = f"epic-rag serve needs the serve extra ({err.name} is missing)"
+        raise ValueError(f"{missing}: pip install 'epic-rag[serve]'") from None
+    from .app import read_manifest
+
+    check_bind(args.host, args.api_key)  # before anything loads
+    read_manifest(args.index)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    rag = _open(args)
+    model_id = args.model_id or Path(args.index).resolve().name
+    app = create_app(
+        rag,
+        model_id,
+        api_key=args.api_key,
+        max_waiting=args.queue_size,
+        max_question_tokens=args.max_question_tokens,
+        max_tokens=args.max_tokens,
+    )
+    print(
+        f"epic-rag serve: model id {model_id!r}, policy {rag.llm.policy}, on http://{args.host}:{args.port}/",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def register_calibrate(subparsers: argparse._SubParsersAction) -> None:
@@ -174,7 +254,11 @@ def _open(args: argparse.Namespace):
 
     read_manifest(args.index)  # fail on a bad index folder before loading any model
     return open_index(
-        args.index, model=args.model, policy=args.policy, max_new_tokens=args.max_new_tokens, top_k=args.top_k
+        args.index,
+        model=args.model,
+        policy=args.policy,
+        max_new_tokens=getattr(args, "max_new_tokens", 256),
+        top_k=args.top_k,
     )
 
 
@@ -196,7 +280,7 @@ def _ask(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     check = _question_limit(args)
     app = _open(args)
-    chat = app.chat_engine()
+    chat = app.chat_engine(retrieval=args.retrieval, history_tokens=args.history_tokens)
     print("epic-rag chat: ask about the indexed documents. /reset clears the conversation; /quit, /exit, Ctrl-D leave.")
     while True:
         try:
@@ -217,6 +301,7 @@ def _chat(args: argparse.Namespace) -> int:
         except QuestionTooLong as err:
             print(f"(not asked: {err})")
             continue
+        set_handoff(None)  # this turn's calls only
         response = chat.stream_chat(line)
         handoff = current_handoff()
         print("bot> ", end="", flush=True)
@@ -226,12 +311,17 @@ def _chat(args: argparse.Namespace) -> int:
         if thread is not None:
             thread.join()
         print()
-        print(_report(response.source_nodes, handoff))
+        condense = getattr(chat, "condense_call", None)
+        if condense is not None:
+            print(f"searched for: {chat.condensed}")
+        print(_report(response.source_nodes, handoff, before=[condense] if condense else []))
     return 0
 
 
-def _report(source_nodes: list[Any], handoff: Handoff | None) -> str:
-    """Sources line and the reuse line: TTFT, cache hits, recomputed tokens."""
+def _report(source_nodes: list[Any], handoff: Handoff | None, before: list[CallReport] | None = None) -> str:
+    """Sources line and the reuse line: TTFT, cache hits, recomputed tokens.
+
+    `before`: model calls made ahead of retrieval (condensing a follow-up), counted in the totals."""
     sources = ", ".join(
         f"{n.node.metadata.get('file_name', n.node.node_id)} ({n.score:.2f})"
         if n.score is not None
@@ -240,13 +330,14 @@ def _report(source_nodes: list[Any], handoff: Handoff | None) -> str:
     )
     lines = [f"sources: {sources or '(none)'}"]
     if handoff is not None and handoff.calls:
-        calls = handoff.calls
+        calls = (before or []) + handoff.calls
+        answer = handoff.calls[0]
         recomputed = sum(c.tokens_recomputed for c in calls)
         total = sum(c.tokens_total for c in calls)
         lines.append(
-            f"ttft: {calls[0].ttft_s:.2f} s | cache hits: {sum(c.store_hits for c in calls)}, "
+            f"ttft: {answer.ttft_s:.2f} s | cache hits: {sum(c.store_hits for c in calls)}, "
             f"misses: {sum(c.store_misses for c in calls)} | recomputed tokens: {recomputed} of {total} | "
-            f"chunks linked: {sum(c.chunks_matched for c in calls)} | policy: {calls[0].policy}"
+            f"chunks linked: {sum(c.chunks_matched for c in calls)} | policy: {answer.policy}"
             + (f" | llm calls: {len(calls)}" if len(calls) > 1 else "")
         )
     return "\n".join(lines)

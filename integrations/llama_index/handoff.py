@@ -32,6 +32,9 @@ class CallReport:
     store_misses: int  # segments whose KV had to be computed for this call
     ttft_s: float
     policy: str
+    tokens_generated: int = 0
+    finish_reason: str = ""  # "stop", "eos", "length", or "cancelled" when the caller stopped it
+    decode_s: float = 0.0
 
     @property
     def chunks_unmatched(self) -> int:

@@ -8,6 +8,7 @@ selects (the engine's default policy unless told otherwise). Without a handoff i
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -53,15 +54,18 @@ class EpicLLM(CustomLLM):
 
     _engine: EpicEngine = PrivateAttr()
     _policy: RecomputePolicy = PrivateAttr()
+    _cancel: threading.Event | None = PrivateAttr(default=None)
 
-    def __init__(self, engine: EpicEngine, **kwargs: Any) -> None:
+    def __init__(self, engine: EpicEngine, cancel: threading.Event | None = None, **kwargs: Any) -> None:
         """`policy` may be a policy string or a RecomputePolicy (default: the engine's default
-        policy); it is parsed here, once."""
+        policy); it is parsed here, once. Setting `cancel` stops a generation at its next token
+        (a server does it when the client goes away), wherever the stream is consumed."""
         kwargs.setdefault("model_name", getattr(engine.model.config, "_name_or_path", None) or "epic-rag")
         policy = parse_policy(kwargs.pop("policy", None) or engine.default_policy)
         super().__init__(policy=policy.spec, **kwargs)
         self._policy = policy
         self._engine = engine
+        self._cancel = cancel
 
     @classmethod
     def from_pretrained(cls, model: str, store_dir: str | None = None, **kwargs: Any) -> EpicLLM:
@@ -124,8 +128,16 @@ class EpicLLM(CustomLLM):
             plan = plan_layout(engine, prompt, chunks, add_special_tokens, query, keys)
             policy = parse_policy(kwargs["policy"]) if "policy" in kwargs else self._policy
             stream = engine.stream_layout(plan.layout, policy, **sampling)
-            yield from stream
-            result = stream.result
+            cancelled = False
+            for delta in stream:
+                if self._cancel is not None and self._cancel.is_set():
+                    cancelled = True
+                    stream.close()
+                    break
+                yield delta
+            result = stream.result if not cancelled else None
+        if result is None:
+            return  # stopped by its caller: the stream never finished, nothing to report
         s = result.stats
         report = CallReport(
             chunks_handed=plan.chunks_handed,
@@ -137,6 +149,9 @@ class EpicLLM(CustomLLM):
             store_misses=s.store_misses,
             ttft_s=s.ttft_s,
             policy=s.policy,
+            tokens_generated=len(result.token_ids),
+            finish_reason=result.finish_reason,
+            decode_s=result.decode_s,
         )
         if handoff is not None:
             handoff.calls.append(report)
@@ -146,7 +161,7 @@ class EpicLLM(CustomLLM):
     def _complete_text(self, prompt: str, add_special_tokens: bool, **kwargs: Any) -> CompletionResponse:
         box: list[Generation] = []
         text = "".join(self._deltas(prompt, add_special_tokens, box, current_handoff(), **kwargs))
-        return CompletionResponse(text=text, raw=_raw(box[0]))
+        return CompletionResponse(text=text, raw=_raw(box))
 
     def _stream_text(self, prompt: str, add_special_tokens: bool, **kwargs: Any) -> CompletionResponseGen:
         box: list[Generation] = []
@@ -157,7 +172,7 @@ class EpicLLM(CustomLLM):
             for delta in deltas:
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
-            yield CompletionResponse(text=text, delta="", raw=_raw(box[0]))
+            yield CompletionResponse(text=text, delta="", raw=_raw(box))
 
         return gen()
 
@@ -208,7 +223,11 @@ async def _in_thread(items: Iterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
-def _raw(result: Generation) -> dict[str, Any]:
+def _raw(box: list[Generation]) -> dict[str, Any]:
+    """The finished generation's stats; a cancelled one has none."""
+    if not box:
+        return {"finish_reason": "cancelled"}
+    result = box[0]
     s = result.stats
     return {
         "finish_reason": result.finish_reason,

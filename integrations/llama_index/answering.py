@@ -1,0 +1,133 @@
+"""One chat request answered on an opened index: retrieval, KV linking, the policy, decoding.
+
+A request whose only message is the user's question is answered exactly as `epic-rag ask`
+answers it; one with earlier turns (or a system message of its own) as `epic-rag chat`
+does: retrieval on the latest user message, earlier turns kept up to a token bound.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llama_index.core.base.llms.types import ChatMessage
+
+from .app import HISTORY_TOKENS, RagApp
+from .handoff import current_handoff, set_handoff
+from .llm import EpicLLM
+
+SNIPPET_CHARS = 240
+
+
+@dataclass
+class ChatRequest:
+    question: str
+    history: list[ChatMessage] = field(default_factory=list)  # earlier user/assistant turns, oldest first
+    system: str | None = None  # the client's own instructions, added after ours
+    policy: str | None = None  # None: the app's policy
+    top_k: int | None = None  # None: the app's
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Source:
+    file: str
+    score: float | None
+    snippet: str
+
+
+@dataclass
+class AnswerReport:
+    """What an answer said and what it cost; `extension()` is what clients see of it."""
+
+    text: str
+    finish_reason: str  # "stop", "length" or "cancelled"
+    policy: str
+    sources: list[Source]
+    ttft_s: float
+    tokens_prompt: int
+    tokens_reused: int
+    tokens_recomputed: int
+    tokens_generated: int
+    cache_hits: int
+    cache_misses: int
+    chunks_linked: int
+    decode_s: float
+
+    def extension(self) -> dict[str, Any]:
+        fields = asdict(self)
+        del fields["text"], fields["finish_reason"]
+        return fields
+
+
+def answer(
+    app: RagApp,
+    request: ChatRequest,
+    emit: Callable[[str], None],
+    cancel: threading.Event | None = None,
+    history_tokens: int = HISTORY_TOKENS,
+) -> AnswerReport:
+    """Answer `request`, passing each text delta to `emit` as it is generated.
+
+    Setting `cancel` stops decoding at the next token; the report then says "cancelled"."""
+    llm = EpicLLM(
+        app.engine,
+        cancel=cancel,
+        model_name=app.llm.model_name,
+        policy=request.policy or app.llm.policy,
+        max_new_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+    )
+    rag = RagApp(app.index, llm, app.embed, top_k=request.top_k or app.top_k)
+    set_handoff(None)
+    writer = None
+    if request.history or request.system:
+        chat = rag.chat_engine(history_tokens=history_tokens, extra_system=request.system)
+        response = chat.stream_chat(request.question, chat_history=list(request.history))
+        deltas, writer = response.response_gen, getattr(response, "write_response_to_history_thread", None)
+    else:
+        response = rag.query_engine(streaming=True).query(request.question)
+        deltas = response.response_gen
+    text = ""
+    for delta in deltas:
+        text += delta
+        emit(delta)
+    if writer is not None:
+        writer.join()
+    return _report(text, response.source_nodes, cancel is not None and cancel.is_set(), llm.policy)
+
+
+def _report(text: str, source_nodes: list[Any], cancelled: bool, policy: str) -> AnswerReport:
+    handoff = current_handoff()
+    calls = handoff.calls if handoff is not None else []
+    sources = [
+        Source(
+            file=str(n.node.metadata.get("file_name", n.node.node_id)),
+            score=None if n.score is None else round(float(n.score), 4),
+            snippet=" ".join(n.node.get_content().split())[:SNIPPET_CHARS],
+        )
+        for n in source_nodes
+    ]
+    finish = "cancelled" if cancelled or not calls else ("length" if calls[-1].finish_reason == "length" else "stop")
+    return AnswerReport(
+        text=text,
+        finish_reason=finish,
+        policy=calls[0].policy if calls else policy,
+        sources=sources,
+        ttft_s=calls[0].ttft_s if calls else 0.0,
+        tokens_prompt=sum(c.tokens_total for c in calls),
+        tokens_reused=sum(c.tokens_reused for c in calls),
+        tokens_recomputed=sum(c.tokens_recomputed for c in calls),
+        tokens_generated=sum(c.tokens_generated for c in calls),
+        cache_hits=sum(c.store_hits for c in calls),
+        cache_misses=sum(c.store_misses for c in calls),
+        chunks_linked=sum(c.chunks_matched for c in calls),
+        decode_s=sum(c.decode_s for c in calls),
+    )

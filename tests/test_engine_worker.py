@@ -1,0 +1,62 @@
+"""The server's request queue: one job at a time, in order, a bounded wait, cancellation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from epic_rag.integrations.llama_index.engine_worker import EngineWorker, Job, QueueFull
+
+
+def test_jobs_run_one_at_a_time_in_order_and_a_full_queue_refuses():
+    worker = EngineWorker(max_waiting=2)
+    gate, started = threading.Event(), threading.Event()
+    order, results, running, peak = [], {}, [0], [0]
+    done = threading.Semaphore(0)
+
+    def job(name: str) -> Job:
+        def run(cancel: threading.Event) -> str:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            started.set()
+            gate.wait(10)
+            order.append(name)
+            running[0] -= 1
+            return name
+
+        def finish(result, error) -> None:
+            results[name] = (result, error)
+            done.release()
+
+        return Job(run=run, finish=finish)
+
+    worker.submit(job("a"))
+    assert started.wait(10)  # "a" runs; two more may wait
+    worker.submit(job("b"))
+    skipped = job("c")
+    worker.submit(skipped)
+    assert worker.depth == 3
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        worker.submit(job("d"))
+    skipped.cancel.set()  # its client left before it started
+    gate.set()
+    for _ in range(3):
+        assert done.acquire(timeout=10)
+    assert order == ["a", "b"] and peak[0] == 1
+    assert results == {"a": ("a", None), "b": ("b", None), "c": (None, None)}
+    worker.close()
+
+
+def test_an_error_goes_to_its_request_and_the_worker_goes_on():
+    worker = EngineWorker(max_waiting=4)
+    box, done = [], threading.Semaphore(0)
+
+    def finish(result, error) -> None:
+        box.append((result, error))
+        done.release()
+
+    worker.submit(Job(run=lambda cancel: 1 / 0, finish=finish))
+    worker.submit(Job(run=lambda cancel: "fine", finish=finish))
+    assert done.acquire(timeout=10) and done.acquire(timeout=10)
+    assert isinstance(box[0][1], ZeroDivisionError) and box[1] == ("fine", None)
+    worker.close()
