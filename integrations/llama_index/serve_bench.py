@@ -81,7 +81,7 @@ def register(kinds: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    questions = _questions(args.questions)
+    questions = _questions(args.questions)[: args.requests]  # each run sends these, so each has a reference
     clients = [int(c) for c in args.clients.split(",")]
     with _LiveServer(args.index, args.threads) as url:
         model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
