@@ -133,6 +133,8 @@ def test_ctrl_c_during_indexing_keeps_a_consistent_folder(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "epic_rag.cli", "index", str(docs), "--index", str(index), "--model", MODEL],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        # a terminal's Ctrl-C, even when this test runs in a background job (which ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any((index / "kv").rglob("*.safetensors")):
