@@ -81,11 +81,24 @@ class EpicEngine:
         store_dir: str | Path | None = None,
         store_dtype: str | torch.dtype | None = None,
         memory_budget: int = 2 << 30,
+        kv_url: str | None = None,
+        kv_ttl_s: int | None = None,
+        require_kv_url: bool = False,
         **engine_kwargs,
     ) -> EpicEngine:
-        """Load a built-in offline model name, a .gguf file, a folder or a hub id."""
+        """Load a built-in offline model name, a .gguf file, a folder or a hub id.
+
+        The store is memory over `store_dir` (if given) over the Redis server at `kv_url`
+        (if given; see `KVStore` for `kv_ttl_s` and `require_kv_url`)."""
+        store = KVStore(
+            store_dir,
+            memory_budget=memory_budget,
+            dtype=store_dtype,
+            kv_url=kv_url,
+            kv_ttl_s=kv_ttl_s,
+            require_kv_url=require_kv_url,
+        )  # before the model: a bad KV URL fails in milliseconds, not after a load
         model, tokenizer = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        store = KVStore(store_dir, memory_budget=memory_budget, dtype=store_dtype)
         engine_kwargs.setdefault("default_policy", builtin_policy(str(spec)) or DEFAULT_POLICY)
         return cls(model, tokenizer, store, **engine_kwargs)
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +15,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from .live_servers import ENV, EpicServer, free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,48 +34,12 @@ QUESTIONS = [
     "How long does a firmware update take?",
     "How many people work at Norrvik?",
 ]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def epic_rag(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "epic_rag.cli", *args], capture_output=True, text=True, env=ENV, timeout=600
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A live `epic-rag serve` subprocess."""
-
-    def __init__(self, index: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "epic_rag.cli", "serve", "--index", str(index), "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            [*command, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.5)
-        raise RuntimeError("the server did not come up in 300 s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +51,8 @@ def index_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(index_dir) -> Iterator[Server]:
-    live = Server(index_dir, "--queue-size", "16", "--threads", "2")
+def server(index_dir) -> Iterator[EpicServer]:
+    live = EpicServer(index_dir, "--queue-size", "16", "--threads", "2")
     yield live
     live.stop()
 
@@ -241,7 +205,7 @@ def test_binding_beyond_loopback_needs_a_key(index_dir):
 
 
 def test_api_key_and_queue_limit(index_dir):
-    server = Server(index_dir, "--api-key", KEY, "--queue-size", "1", "--threads", "2")
+    server = EpicServer(index_dir, "--api-key", KEY, "--queue-size", "1", "--threads", "2")
     try:
         body = {"model": "docs-index", "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 48}
         url = f"{server.url}/v1/chat/completions"

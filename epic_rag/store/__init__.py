@@ -1,4 +1,4 @@
-"""KV store: chunk KV cached in tiers (memory over disk by default), bound to one model.
+"""KV store: chunk KV cached in tiers (memory over disk by default, over Redis when shared), bound to one model.
 
 `KVBackend` is one tier; `TieredStore` stacks tiers fastest first, promotes hits
 upward and writes through; `KVStore` builds the usual memory-over-disk stack.
@@ -10,6 +10,7 @@ from .disk import DiskBackend
 from .keys import STORAGE_DTYPES, entry_key, resolve_dtype
 from .kvstore import KVStore
 from .memory import MemoryBackend
+from .redis import KVTierError, RedisBackend, redact
 from .tiered import StoreStats, TieredStore
 
 __all__ = [
@@ -19,9 +20,12 @@ __all__ = [
     "DiskBackend",
     "KVBackend",
     "KVStore",
+    "KVTierError",
     "MemoryBackend",
+    "RedisBackend",
     "StoreStats",
     "TieredStore",
     "entry_key",
+    "redact",
     "resolve_dtype",
 ]

@@ -25,6 +25,7 @@ class BackendStats:
     misses: int = 0  # lookups that returned None (absent, or damaged and dropped)
     corrupted: int = 0  # damaged or misnamed entries found and deleted
     evictions: int = 0  # entries dropped to honour a size budget
+    errors: int = 0  # operations failed, or skipped, because the tier was unreachable
     bytes: int = 0  # bytes held now
     entries: int = 0  # entries held now
 
@@ -40,6 +41,9 @@ class KVBackend(ABC):
 
     name: ClassVar[str] = "backend"
     persistent: ClassVar[bool] = False  # survives the process; `TieredStore.clear_memory` keeps it
+
+    def bind(self, fingerprint: str) -> None:  # noqa: B027 - optional hook, most tiers need nothing
+        """Called once with the model the store serves (a shared tier namespaces its keys by it)."""
 
     @abstractmethod
     def get(self, key: str) -> tuple[ChunkKV, str] | None:

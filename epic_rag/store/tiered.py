@@ -28,12 +28,14 @@ class StoreStats:
     misses: int = 0  # get() calls that returned None
     disk_reads: int = 0  # entries fetched from persistent tiers
     corrupted: int = 0  # damaged entries deleted, all tiers
+    errors: int = 0  # tier operations that failed or were skipped because a tier was unreachable
     evictions: int = 0  # entries dropped for a budget, all tiers
     memory_bytes: int = 0
     memory_entries: int = 0
     disk_bytes: int = 0
     disk_entries: int = 0
     tiers: list[BackendStats] = field(default_factory=list)  # one per tier, fastest first
+    hits_by_tier: dict[str, int] = field(default_factory=dict)  # tier name -> store hits it served
 
 
 class TieredStore:
@@ -52,6 +54,7 @@ class TieredStore:
         self._fingerprint: str | None = None
         self._hits = 0
         self._misses = 0
+        self._hits_by_tier = dict.fromkeys((b.name for b in self._backends), 0)
         if fingerprint is not None:
             self.bind(fingerprint)
 
@@ -74,6 +77,9 @@ class TieredStore:
                 f"this KV store is bound to model {self._fingerprint!r}, so it cannot serve model {fingerprint!r}; "
                 "give each model its own store object"
             )
+        if self._fingerprint is None:
+            for backend in self._backends:
+                backend.bind(fingerprint)
         self._fingerprint = fingerprint
 
     def get(self, key: str) -> ChunkKV | None:
@@ -87,6 +93,7 @@ class TieredStore:
             for upper in self._backends[:depth]:
                 upper.put(key, entry, fingerprint)
             self._hits += 1
+            self._hits_by_tier[backend.name] += 1
             return entry
         self._misses += 1
         return None
@@ -141,12 +148,14 @@ class TieredStore:
             misses=self._misses,
             disk_reads=sum(t.reads for t in durable),
             corrupted=sum(t.corrupted for t in tiers),
+            errors=sum(t.errors for t in tiers),
             evictions=sum(t.evictions for t in tiers),
             memory_bytes=sum(t.bytes for t in volatile),
             memory_entries=sum(t.entries for t in volatile),
             disk_bytes=sum(t.bytes for t in durable),
             disk_entries=sum(t.entries for t in durable),
             tiers=tiers,
+            hits_by_tier=dict(self._hits_by_tier),
         )
 
     def _bound(self) -> str:

@@ -265,17 +265,22 @@ def build_index(
     strict: bool = False,
     documents: ReadReport | None = None,
     compile: str = "alone",
+    kv_url: str | None = None,
+    kv_ttl_s: int | None = None,
     **app_kwargs: Any,
 ) -> RagApp:
     """Read, split, precompute KV, embed, and persist; returns the opened app (`strict`: refuse a
     folder with an unreadable file instead of skipping it; `documents`: the folder already read;
-    `compile`: "alone" or "neighbour", each chunk's KV compiled after the chunk before it)."""
+    `compile`: "alone" or "neighbour", each chunk's KV compiled after the chunk before it;
+    `kv_url`: a Redis server that gets every chunk's KV too, for replicas; it must answer)."""
     if compile not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile!r}; choose one of {', '.join(COMPILE_MODES)}")
     report = documents or read_documents(docs_dir, strict=strict, progress=show_progress)
     docs = report.documents
     index_dir = Path(index_dir)
-    engine = engine or EpicEngine.from_pretrained(model, store_dir=index_dir / "kv")
+    engine = engine or EpicEngine.from_pretrained(
+        model, store_dir=index_dir / "kv", kv_url=kv_url, kv_ttl_s=kv_ttl_s, require_kv_url=True
+    )
     llm, embed = EpicLLM(engine, model_name=model), SentenceTransformerEmbedding()
     use_settings(llm, embed)
     parser_kwargs = {"target_tokens": 256, "max_tokens": 384, "min_tokens": 48, **(parser_kwargs or {})}
@@ -342,12 +347,16 @@ def open_index(
     engine: EpicEngine | None = None,
     policy: str | RecomputePolicy | None = None,
     max_new_tokens: int = 256,
+    kv_url: str | None = None,
+    kv_ttl_s: int | None = None,
     **app_kwargs: Any,
 ) -> RagApp:
     """Reopen a persisted index with the model that built it (refuses another model).
 
     The policy is `policy` when given, else the one `epic-rag calibrate` recorded for this
-    index, else the engine's default policy."""
+    index, else the engine's default policy. With `kv_url`, chunk KV missing from the
+    index's own kv/ folder is read from (and written to) that Redis server; the app keeps
+    answering while it is down."""
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
     if model is not None and _same_model(model) != _same_model(manifest.model):
@@ -357,7 +366,11 @@ def open_index(
             f"`epic-rag index DOCS_DIR --index NEW_DIR --model {model}`"
         )
     engine = engine or EpicEngine.from_pretrained(
-        manifest.model, store_dir=index_dir / "kv", progress_tokens=LONG_PREFILL_TOKENS
+        manifest.model,
+        store_dir=index_dir / "kv",
+        kv_url=kv_url,
+        kv_ttl_s=kv_ttl_s,
+        progress_tokens=LONG_PREFILL_TOKENS,
     )
     if engine.fingerprint != manifest.fingerprint:
         raise ValueError(

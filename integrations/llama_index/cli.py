@@ -19,6 +19,7 @@ from .handoff import CallReport, Handoff, current_handoff, set_handoff
 
 RESPONSE_MODES = ("compact", "simple_summarize", "refine", "tree_summarize")
 API_KEY_ENV = "EPIC_RAG_API_KEY"
+KV_URL_ENV = "EPIC_RAG_KV_URL"  # keeps a Redis password out of the process list
 MAX_QUESTION_TOKENS = 1024  # one request cannot take minutes and gigabytes by accident
 
 
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument(
         "--strict", action="store_true", help="refuse the folder if a file cannot be read (default: skip it)"
     )
+    _add_kv_args(index)
     index.set_defaults(func=_index)
 
     for name, helptext in (("ask", "answer one question from an index"), ("chat", "interactive chat over an index")):
@@ -83,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 default=HISTORY_TOKENS,
                 help=f"earlier turns kept in the prompt, in tokens; older ones are dropped (default {HISTORY_TOKENS})",
             )
+        _add_kv_args(p)
         p.set_defaults(func=_ask if name == "ask" else _chat)
     register_calibrate(subparsers)
     register_serve(subparsers)
@@ -112,7 +115,22 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads for the one running request (default: the CPU count)"
     )
+    _add_kv_args(p)
     p.set_defaults(func=_serve)
+
+
+def _add_kv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-url",
+        default=os.environ.get(KV_URL_ENV) or None,
+        metavar="redis://[user:password@]host:port/db",
+        help=f"a Redis server shared by replicas as a chunk KV tier under the index's kv/ folder (default: "
+        f"${KV_URL_ENV}; none). `index` writes every chunk there and needs it up; the others read and write "
+        "it, and keep answering (computing) while it is down",
+    )
+    p.add_argument(
+        "--kv-ttl", type=int, default=None, metavar="SECONDS", help="expire Redis entries this long after last use"
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -205,14 +223,25 @@ def _index(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     parser_kwargs = {"target_tokens": args.target_tokens, "max_tokens": args.max_tokens, "min_tokens": args.min_tokens}
     app = build_index(
-        args.docs_dir, args.index, model=args.model, parser_kwargs=parser_kwargs, documents=report, compile=args.compile
+        args.docs_dir,
+        args.index,
+        model=args.model,
+        parser_kwargs=parser_kwargs,
+        documents=report,
+        compile=args.compile,
+        kv_url=args.kv_url,
+        kv_ttl_s=args.kv_ttl,
     )
-    stats = app.engine.store.stats()
+    store = app.engine.store
+    tiers = ", ".join(
+        f"{t.name} {t.entries} entries, {t.bytes / 2**20:.1f} MiB"
+        for b, t in zip(store.backends, store.stats().tiers, strict=True)
+        if b.persistent
+    )
     print(report.summary())
     print(
         f"indexed {len(app.index.docstore.docs)} chunks from {args.docs_dir} into {args.index} "
-        f"with {args.model} in {time.perf_counter() - start:.1f} s; "
-        f"KV store: {stats.disk_entries} entries, {stats.disk_bytes / 2**20:.1f} MiB"
+        f"with {args.model} in {time.perf_counter() - start:.1f} s; KV store: {tiers}"
     )
     return 0
 
@@ -259,6 +288,8 @@ def _open(args: argparse.Namespace):
         policy=args.policy,
         max_new_tokens=getattr(args, "max_new_tokens", 256),
         top_k=args.top_k,
+        kv_url=getattr(args, "kv_url", None),
+        kv_ttl_s=getattr(args, "kv_ttl", None),
     )
 
 

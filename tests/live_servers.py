@@ -1,0 +1,106 @@
+"""Real servers for the tests, on 127.0.0.1 and free ports: Redis, nginx, `epic-rag serve`.
+
+A server binary that is missing fails the test that needs it (`.ci/run` installs them);
+nothing is faked or skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def binary(name: str) -> str:
+    """The path of a server binary; fails the test (never skips) when it is not installed."""
+    for folder in ("", "/usr/sbin/", "/usr/bin/"):
+        path = shutil.which(folder + name) if folder else shutil.which(name)
+        if path:
+            return path
+    pytest.fail(f"{name} is not installed: `apt-get install {name}` (.ci/run installs it)")
+
+
+class RedisServer:
+    """redis-server on 127.0.0.1 with no persistence; can be stopped and started on the same port."""
+
+    def __init__(self, folder: Path, password: str | None = None, maxmemory: str | None = None) -> None:
+        self.folder, self.password, self.maxmemory = folder, password, maxmemory
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def start(self) -> None:
+        command = [binary("redis-server"), "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
+        command += ["--appendonly", "no", "--dir", str(self.folder)]
+        if self.password:
+            command += ["--requirepass", self.password]
+        if self.maxmemory:
+            command += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                self.client().ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not come up on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+            self.process = None
+
+
+class EpicServer:
+    """A live `epic-rag serve` subprocess; waits until /health answers."""
+
+    def __init__(self, index: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "epic_rag.cli", "serve", "--index", str(index), "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            [*command, *args], env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.5)
+        raise RuntimeError("the server did not come up in 300 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
