@@ -37,7 +37,8 @@ def binary(name: str) -> str:
 
 
 class RedisServer:
-    """redis-server on 127.0.0.1 with no persistence; can be stopped and started on the same port."""
+    """redis-server on 127.0.0.1, no automatic snapshots; can be stopped and started on the same port
+    (empty, or with its data when stopped with `save`)."""
 
     def __init__(self, folder: Path, password: str | None = None, maxmemory: str | None = None) -> None:
         self.folder, self.password, self.maxmemory = folder, password, maxmemory
@@ -70,9 +71,13 @@ class RedisServer:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server did not come up on port {self.port}")
 
-    def stop(self) -> None:
+    def stop(self, save: bool = False) -> None:
+        """Stop the server; with `save`, write its data first so that `start` brings it back."""
         if self.process is not None:
-            self.process.terminate()
+            if save:
+                self.client().shutdown(save=True)
+            else:
+                self.process.terminate()
             self.process.wait(timeout=20)
             self.process = None
 
@@ -104,3 +109,42 @@ class EpicServer:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+class Nginx:
+    """nginx running deploy/nginx.conf with its upstream pointed at loopback replicas."""
+
+    def __init__(self, folder: Path, config: Path, upstreams: list[int]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        text = config.read_text()
+        for name, port in zip(("replica-a:8000", "replica-b:8000"), upstreams, strict=True):
+            assert name in text, f"{config} has no upstream {name}"
+            text = text.replace(name, f"127.0.0.1:{port}")
+        assert "listen 8080;" in text, f"{config} does not listen on 8080"
+        text = text.replace("listen 8080;", f"listen 127.0.0.1:{self.port};")
+        local = f"pid {folder}/nginx.pid;\nerror_log {folder}/error.log warn;\n"
+        temp = "".join(f"    {kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi"))
+        temp += f"    uwsgi_temp_path {folder}/uwsgi;\n    scgi_temp_path {folder}/scgi;\n    access_log off;\n"
+        text = local + text.replace("http {\n", "http {\n" + temp, 1)
+        (folder / "nginx.conf").write_text(text)
+        self.process = subprocess.Popen(
+            [binary("nginx"), "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", "daemon off;"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx exited: {self.process.stdout.read()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("nginx did not come up in 20 s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)

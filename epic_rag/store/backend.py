@@ -69,6 +69,10 @@ class KVBackend(ABC):
     def stats(self) -> BackendStats:
         """Counters since creation plus current usage."""
 
+    def counters(self) -> BackendStats:
+        """Counters only, cheap enough for every metrics scrape (override when `stats` is not)."""
+        return self.stats()
+
     def clear(self) -> None:
         """Remove every entry (override when the tier can do it faster than key by key)."""
         for key in list(self.keys()):

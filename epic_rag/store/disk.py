@@ -88,6 +88,9 @@ class DiskBackend(KVBackend):
     def keys(self) -> Iterator[str]:
         return (path.stem for path in self._files())
 
+    def counters(self) -> BackendStats:
+        return replace(self._stats)
+
     def stats(self) -> BackendStats:
         sizes = [path.stat().st_size for path in self._files()]
         return replace(self._stats, bytes=sum(sizes), entries=len(sizes))

@@ -177,6 +177,9 @@ class RedisBackend(KVBackend):
         for start in range(0, len(names), 1000):
             self._call(lambda c, batch=names[start : start + 1000]: c.delete(*batch))
 
+    def counters(self) -> BackendStats:
+        return replace(self._stats)
+
     def stats(self) -> BackendStats:
         """Counters, plus this model's entries and their bytes (one SCAN and STRLENs: O(entries))."""
         names = self._call(lambda c: list(c.scan_iter(match=self._namespace + "*", count=1000))) or []

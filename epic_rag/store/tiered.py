@@ -155,8 +155,12 @@ class TieredStore:
             disk_bytes=sum(t.bytes for t in durable),
             disk_entries=sum(t.entries for t in durable),
             tiers=tiers,
-            hits_by_tier=dict(self._hits_by_tier),
+            hits_by_tier=self.hits_by_tier(),
         )
+
+    def hits_by_tier(self) -> dict[str, int]:
+        """Tier name -> store hits that tier served (cheap: no tier is asked for its usage)."""
+        return dict(self._hits_by_tier)
 
     def _bound(self) -> str:
         if self._fingerprint is None:

@@ -349,6 +349,8 @@ def open_index(
     max_new_tokens: int = 256,
     kv_url: str | None = None,
     kv_ttl_s: int | None = None,
+    kv_memory_bytes: int = 2 << 30,
+    local_kv: bool = True,
     **app_kwargs: Any,
 ) -> RagApp:
     """Reopen a persisted index with the model that built it (refuses another model).
@@ -356,7 +358,8 @@ def open_index(
     The policy is `policy` when given, else the one `epic-rag calibrate` recorded for this
     index, else the engine's default policy. With `kv_url`, chunk KV missing from the
     index's own kv/ folder is read from (and written to) that Redis server; the app keeps
-    answering while it is down."""
+    answering while it is down. `kv_memory_bytes` bounds the in-process tier; without
+    `local_kv` the kv/ folder is not used (a replica that relies on Redis alone)."""
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
     if model is not None and _same_model(model) != _same_model(manifest.model):
@@ -367,7 +370,8 @@ def open_index(
         )
     engine = engine or EpicEngine.from_pretrained(
         manifest.model,
-        store_dir=index_dir / "kv",
+        store_dir=index_dir / "kv" if local_kv else None,
+        memory_budget=kv_memory_bytes,
         kv_url=kv_url,
         kv_ttl_s=kv_ttl_s,
         progress_tokens=LONG_PREFILL_TOKENS,

@@ -131,6 +131,20 @@ def _add_kv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-ttl", type=int, default=None, metavar="SECONDS", help="expire Redis entries this long after last use"
     )
+    if p.prog.split()[-1] != "index":
+        p.add_argument(
+            "--kv-memory-mb",
+            type=int,
+            default=2048,
+            metavar="MB",
+            help="size of the in-process chunk KV tier (default 2048; 0: read every chunk from disk or Redis)",
+        )
+        p.add_argument(
+            "--no-local-kv",
+            dest="local_kv",
+            action="store_false",
+            help="do not use the index's kv/ folder: chunk KV only in memory and Redis (needs --kv-url)",
+        )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -282,14 +296,20 @@ def _open(args: argparse.Namespace):
     from .app import open_index, read_manifest
 
     read_manifest(args.index)  # fail on a bad index folder before loading any model
+    if not args.local_kv and not args.kv_url:
+        raise ValueError("--no-local-kv leaves chunk KV nowhere to persist: give --kv-url too, or drop it")
+    if args.kv_memory_mb < 0:
+        raise ValueError(f"--kv-memory-mb must be 0 or more, got {args.kv_memory_mb}")
     return open_index(
         args.index,
         model=args.model,
         policy=args.policy,
         max_new_tokens=getattr(args, "max_new_tokens", 256),
         top_k=args.top_k,
-        kv_url=getattr(args, "kv_url", None),
-        kv_ttl_s=getattr(args, "kv_ttl", None),
+        kv_url=args.kv_url,
+        kv_ttl_s=args.kv_ttl,
+        kv_memory_bytes=args.kv_memory_mb << 20,
+        local_kv=args.local_kv,
     )
 
 

@@ -21,6 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from epic_rag.store import TieredStore
 
 from .answering import AnswerReport, ChatRequest, answer
 from .app import HISTORY_TOKENS, RagApp
@@ -66,6 +70,10 @@ class Metrics:
         self.queue = Gauge("epic_rag_queue_depth", "Requests waiting or running", registry=r)
         self.queue.set_function(lambda: worker.depth)
 
+    def watch_store(self, store: TieredStore) -> None:
+        """Export the KV store's tiers (hits served, failures, damaged entries, availability)."""
+        self.registry.register(_TierCollector(store))
+
     def record(self, report: AnswerReport) -> None:
         if report.finish_reason == "cancelled":
             self.cancelled.inc()
@@ -75,6 +83,33 @@ class Metrics:
         self.recomputed.inc(report.tokens_recomputed)
         self.hits.inc(report.cache_hits)
         self.misses.inc(report.cache_misses)
+
+
+class _TierCollector(Collector):
+    """Per-tier counters of a KV store, read at scrape time (a shared tier's outages show here)."""
+
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
+
+    def collect(self):
+        hits = CounterMetricFamily("epic_rag_kv_tier_hits", "Store hits served by each KV tier", labels=["tier"])
+        errors = CounterMetricFamily(
+            "epic_rag_kv_tier_errors", "KV tier operations failed or skipped (tier unreachable)", labels=["tier"]
+        )
+        damaged = CounterMetricFamily(
+            "epic_rag_kv_tier_corrupted", "Damaged KV entries found, deleted and recomputed", labels=["tier"]
+        )
+        up = GaugeMetricFamily(
+            "epic_rag_kv_tier_up", "1 while a KV tier answers, 0 while it is skipped", labels=["tier"]
+        )
+        served = self.store.hits_by_tier()
+        for backend in self.store.backends:
+            counters = backend.counters()
+            hits.add_metric([backend.name], served.get(backend.name, 0))
+            errors.add_metric([backend.name], counters.errors)
+            damaged.add_metric([backend.name], counters.corrupted)
+            up.add_metric([backend.name], float(getattr(backend, "available", True)))
+        yield from (hits, errors, damaged, up)
 
 
 def check_bind(host: str, api_key: str | None) -> None:
@@ -98,6 +133,7 @@ def create_app(
     """The FastAPI app serving `rag` under the model id `model_id`."""
     worker = EngineWorker(max_waiting)
     metrics = Metrics(worker)
+    metrics.watch_store(rag.engine.store)
     tokenizer = rag.engine.tokenizer
     limits = Limits(model_id, max_question_tokens, rag.engine.max_context, max_tokens)
 
@@ -136,7 +172,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "queue_depth": worker.depth}
+        tiers = {b.name: "up" if getattr(b, "available", True) else "down" for b in rag.engine.store.backends}
+        return {"status": "ok", "model": model_id, "queue_depth": worker.depth, "kv_tiers": tiers}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
