@@ -11,23 +11,33 @@ from epic_rag.bench.scaling import _chunks_that_fit
 from epic_rag.bench.ttft import QUESTION
 from epic_rag.cli import main as cli_main
 
+from .live_servers import RedisServer
+
 pytestmark = pytest.mark.slow
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_scaling_writes_rows_costs_and_plot(tmp_path, smollm2):
+    redis = RedisServer(tmp_path)
     out = tmp_path / "scaling"
-    args = ["bench", "scaling", "--sizes", "512,1024", "--methods", "full,attnlink:16", "--sources", "memory,disk",
-            "--repeats", "1", "--out", str(out)]  # fmt: skip
-    assert cli_main(args) == 0
+    args = ["bench", "scaling", "--sizes", "512", "--methods", "full,attnlink:16", "--kv-url", redis.url,
+            "--repeats", "1", "--kl-tokens", "512", "--out", str(out)]  # fmt: skip
+    try:
+        assert cli_main(args) == 0
+    finally:
+        redis.stop()
     result = json.loads((out / "scaling.json").read_text())
     cells = {(r["chunks"], r["method"], r["kv_from"]) for r in result["rows"]}
-    assert cells == {(n, "full", "none") for n in (1, 2)} | {
-        (n, "attnlink:16", s) for n in (1, 2) for s in ("memory", "disk")
-    }
+    assert cells == {(1, "full", "none")} | {(1, "attnlink:16", s) for s in ("memory", "disk", "redis")}
     for row in result["rows"]:
         assert row["ttft_s"] > 0 and row["peak_rss_mib"] >= row["baseline_rss_mib"] > 0
-    assert result["indexing"]["tokens"] > 1000 and result["indexing"]["tokens_per_s"] > 0
+    assert result["indexing"]["tokens"] > 400 and result["indexing"]["tokens_per_s"] > 0
+    assert [r["tier"] for r in result["fetch"]] == ["memory", "disk", "redis"]
+    assert all(r["ms_per_chunk"] > 0 for r in result["fetch"])
+    assert result["kv_tier"] == redis.url  # no password to hide here
+    kl = {(r["dtype"], r["method"]): r for r in result["storage_kl"]}
+    assert kl[("fp32", "reuse")]["kl_vs_fp32_storage"] == 0.0
+    assert 0 < kl[("bf16", "reuse")]["kl_vs_fp32_storage"] < kl[("bf16", "reuse")]["kl_vs_full"]
 
     per_dtype = {r["dtype"]: r for r in result["kv_bytes_per_token"]}
     kv = smollm2.kv_bytes_per_token  # fp32 K and V of every layer

@@ -1,12 +1,13 @@
 """TTFT and peak memory per method as the retrieved context grows; the cost of indexing.
 
-The parent compiles ~512-token essay chunks once into a disk KV store (indexing
-tokens/s) and measures KV bytes per token for each storage dtype. Every cell
-(context size, method, KV source) then runs in a fresh subprocess whose peak RSS
-(Linux VmHWM, reset after the model is loaded so loading does not mask it) is its
-own: KV "memory" is loaded into the
-memory tier by a warm-up prefill first, KV "disk" clears the memory tier before every
-timed prefill so each run reads the safetensors files.
+The parent compiles ~512-token essay chunks once into a disk KV store (and a Redis
+server with `--kv-url`), measures indexing tokens/s, KV bytes per token and the
+first-token KL each storage dtype costs, and the time to fetch one chunk from each
+tier. Every cell (context size, method, KV source) then runs in a fresh subprocess
+whose peak RSS (Linux VmHWM, reset after the model is loaded so loading does not mask
+it) is its own: KV "memory" is loaded into the memory tier by a warm-up prefill first;
+KV "disk" and "redis" clear the memory tier before every timed prefill, so each run
+reads every chunk from that tier.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..engine import EpicEngine
-from ..store import STORAGE_DTYPES, KVStore
+from ..store import STORAGE_DTYPES, KVStore, redact
 from .accuracy import machine
+from .agreement import kl_divergence
 from .data import essay_chunks
 from .records import fit_chunks
 from .ttft import QUESTION
 
 METHODS = ("full", "cacheblend:0.15", "attnlink:16", "reuse")
-SOURCES = ("memory", "disk")
+SOURCES = ("memory", "disk", "redis")
+KL_METHODS = ("reuse", "attnlink:16")  # storage precision matters where cached KV is linked
 NO_STORE = ("full",)  # methods that read no chunk KV: measured once, as source "none"
 
 
@@ -52,7 +55,10 @@ def _reset_peak_rss() -> None:
 def run_cell(cell: dict) -> dict:
     """One (size, method, source) cell, in this process: median TTFT and peak RSS."""
     torch.set_num_threads(cell["threads"])
-    engine = EpicEngine.from_pretrained(cell["model"], store_dir=cell["store"])
+    if cell["source"] == "redis":  # memory over Redis only: no disk tier to hide it
+        engine = EpicEngine.from_pretrained(cell["model"], kv_url=cell["kv_url"], require_kv_url=True)
+    else:
+        engine = EpicEngine.from_pretrained(cell["model"], store_dir=cell["store"])
     ids = engine.add_chunks(cell["chunks"], progress=False)  # all hits: they were compiled by the parent
     engine.store.clear_memory()
     layout = engine.layout(QUESTION, ids)
@@ -62,7 +68,7 @@ def run_cell(cell: dict) -> dict:
     engine.prefill(layout, cell["method"])  # warm-up; fills the memory tier for source "memory"
     times = []
     for _ in range(cell["repeats"]):
-        if cell["source"] == "disk":
+        if cell["source"] in ("disk", "redis"):
             engine.store.clear_memory()
         times.append(engine.prefill(layout, cell["method"]).stats.ttft_s)
     peak = _status_mib("VmHWM")
@@ -97,15 +103,55 @@ def storage_costs(engine: EpicEngine, chunk: str) -> list[dict]:
     token_ids = engine.chunk_token_ids(chunk)
     entry = engine.encode(token_ids)
     rows = []
-    for name, dtype in STORAGE_DTYPES.items():
+    for name in STORAGE_DTYPES:
         with tempfile.TemporaryDirectory() as tmp:
-            store = KVStore(tmp, dtype=dtype, fingerprint=engine.fingerprint)
+            store = KVStore(tmp, dtype=name, fingerprint=engine.fingerprint)
             store.put(entry)
             disk = store.stats().disk_bytes
-            memory = entry.to(dtype).nbytes
+            memory = store.stored_form(entry).nbytes
         rows.append(
             {"dtype": name, "memory_bytes_per_token": memory / len(entry), "disk_bytes_per_token": disk / len(entry)}
         )
+    return rows
+
+
+def fetch_times(store: KVStore, keys: list[str], repeats: int = 3) -> list[dict]:
+    """Median time to fetch one chunk entry from each tier of `store` (read and decoded)."""
+    rows = []
+    for backend in store.backends:
+        times = []
+        for _ in range(repeats):
+            for key in keys:
+                start = time.perf_counter()
+                found = backend.get(key)
+                times.append(time.perf_counter() - start)
+                if found is None:
+                    raise RuntimeError(f"the {backend.name} tier lost entry {key} during the benchmark")
+        nbytes = statistics.mean(backend.get(k)[0].nbytes for k in keys)
+        median = statistics.median(times)
+        rows.append({"tier": backend.name, "ms_per_chunk": median * 1e3, "mb_per_s": nbytes / median / 1e6})
+    return rows
+
+
+def storage_kl(engine: EpicEngine, chunks: list[str]) -> list[dict]:
+    """First-token KL(full recompute || method) with chunk KV kept in each storage dtype, and
+    KL(fp32-stored || dtype-stored) for the same method: what the storage precision costs."""
+    rows, fp32 = [], {}
+    for name in STORAGE_DTYPES:
+        shadow = EpicEngine(engine.model, engine.tokenizer, KVStore(dtype=name))  # same weights, own store
+        layout = shadow.layout(QUESTION, shadow.add_chunks(chunks, progress=False))
+        full = shadow.prefill(layout, "full").logits
+        for method in KL_METHODS:
+            logits = shadow.prefill(layout, method).logits
+            fp32.setdefault(method, logits)
+            rows.append(
+                {
+                    "dtype": name,
+                    "method": method,
+                    "kl_vs_full": float(kl_divergence(full, logits)),
+                    "kl_vs_fp32_storage": float(kl_divergence(fp32[method], logits)),
+                }
+            )
     return rows
 
 
@@ -118,15 +164,17 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store_dir = tempfile.mkdtemp(prefix="epic-scaling-")
-    engine = EpicEngine.from_pretrained(args.model, store_dir=store_dir)
+    engine = EpicEngine.from_pretrained(args.model, store_dir=store_dir, kv_url=args.kv_url, require_kv_url=True)
     limit = min(args.max_tokens, engine.max_context)
     sizes = [s for s in args.sizes if s <= limit]
     chunks = essay_chunks(engine, max(sizes) // args.chunk_tokens, args.chunk_tokens, args.essays)
     chunks = chunks[: _chunks_that_fit(engine, chunks)]  # the largest size is the model's limit
     tokens = sum(engine.chunk_token_ids(c).numel() for c in chunks)
     start = time.perf_counter()
-    engine.add_chunks(chunks, progress=True)
+    keys = [chunk_id.removeprefix("kv:") for chunk_id in engine.add_chunks(chunks, progress=True)]
     index_s = time.perf_counter() - start
+    fetch = fetch_times(engine.store, keys[:8])
+    kl = storage_kl(engine, chunks[: max(1, args.kl_tokens // args.chunk_tokens)])
     cells = [
         (size, method, source)
         for size in sizes
@@ -143,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
             "source": source,
             "repeats": args.repeats,
             "threads": torch.get_num_threads(),
+            "kv_url": args.kv_url,
         }
         rows.append(_spawn(cell))
     return {
@@ -153,6 +202,9 @@ def run(args: argparse.Namespace) -> dict:
         "chunk_tokens": args.chunk_tokens,
         "indexing": {"tokens": tokens, "seconds": index_s, "tokens_per_s": tokens / index_s},
         "kv_bytes_per_token": storage_costs(engine, chunks[0]),
+        "kv_tier": redact(args.kv_url) if args.kv_url else None,
+        "fetch": fetch,
+        "storage_kl": kl,
         "rows": rows,
     }
 
@@ -168,6 +220,13 @@ def format_table(result: dict) -> str:
     lines += [
         f"| {r['dtype']} | {r['memory_bytes_per_token']:.0f} | {r['disk_bytes_per_token']:.0f} |"
         for r in result["kv_bytes_per_token"]
+    ]
+    lines += ["", "| tier | fetch one chunk, ms | MB/s |", "|---|---:|---:|"]
+    lines += [f"| {r['tier']} | {r['ms_per_chunk']:.2f} | {r['mb_per_s']:.0f} |" for r in result["fetch"]]
+    lines += ["", "| storage dtype | method | first-token KL vs full | KL vs fp32 storage |", "|---|---|---:|---:|"]
+    lines += [
+        f"| {r['dtype']} | {r['method']} | {r['kl_vs_full']:.5f} | {r['kl_vs_fp32_storage']:.2e} |"
+        for r in result["storage_kl"]
     ]
     lines += [
         "",
@@ -185,7 +244,16 @@ def format_table(result: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, folder or .gguf")
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
-    parser.add_argument("--sources", type=lambda s: s.split(","), default=list(SOURCES), help="memory,disk")
+    parser.add_argument(
+        "--sources",
+        type=lambda s: s.split(","),
+        default=None,
+        help="memory,disk[,redis] (default: all; redis only with --kv-url)",
+    )
+    parser.add_argument(
+        "--kv-url", default=None, help="a Redis server to measure as a KV tier, redis://[user:password@]host:port/db"
+    )
+    parser.add_argument("--kl-tokens", type=int, default=2048, help="context of the storage-dtype KL measurement")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192])
     parser.add_argument("--max-tokens", type=int, default=8192, help="largest context measured (CPU time cap)")
     parser.add_argument("--chunk-tokens", type=int, default=512)
@@ -198,9 +266,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from .plots import plot_scaling
 
+    if args.sources is None:
+        args.sources = [s for s in SOURCES if s != "redis" or args.kv_url]
     unknown = set(args.sources) - set(SOURCES)
     if unknown:
-        raise ValueError(f"unknown KV sources {sorted(unknown)}; use memory and/or disk")
+        raise ValueError(f"unknown KV sources {sorted(unknown)}; use memory, disk and/or redis")
+    if "redis" in args.sources and not args.kv_url:
+        raise ValueError("the redis source needs a server: pass --kv-url redis://host:port/db")
     result = run(args)
     (args.out / "scaling.json").write_text(json.dumps(result, indent=2))
     (args.out / "scaling.md").write_text(format_table(result))
