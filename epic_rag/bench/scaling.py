@@ -221,8 +221,10 @@ def format_table(result: dict) -> str:
         f"| {r['dtype']} | {r['memory_bytes_per_token']:.0f} | {r['disk_bytes_per_token']:.0f} |"
         for r in result["kv_bytes_per_token"]
     ]
-    lines += ["", "| tier | fetch one chunk, ms | MB/s |", "|---|---:|---:|"]
-    lines += [f"| {r['tier']} | {r['ms_per_chunk']:.2f} | {r['mb_per_s']:.0f} |" for r in result["fetch"]]
+    lines += ["", f"| tier | fetch one {result['chunk_tokens']}-token chunk, ms | MB/s |", "|---|---:|---:|"]
+    for r in result["fetch"]:
+        rate = "no copy" if r["tier"] == "memory" else f"{r['mb_per_s']:.0f}"
+        lines.append(f"| {r['tier']} | {r['ms_per_chunk']:.3f} | {rate} |")
     lines += ["", "| storage dtype | method | first-token KL vs full | KL vs fp32 storage |", "|---|---|---:|---:|"]
     lines += [
         f"| {r['dtype']} | {r['method']} | {r['kl_vs_full']:.5f} | {r['kl_vs_fp32_storage']:.2e} |"

@@ -58,6 +58,7 @@ class AnswerReport:
     cache_misses: int
     chunks_linked: int
     decode_s: float
+    kv_tier_reads: dict[str, int]  # store lookups each tier answered during this answer (memory, disk, redis)
 
     def extension(self) -> dict[str, Any]:
         fields = asdict(self)
@@ -87,6 +88,7 @@ def answer(
     )
     rag = RagApp(app.index, llm, app.embed, top_k=request.top_k or app.top_k)
     set_handoff(None)
+    tier_hits = app.engine.store.hits_by_tier()  # answers run one at a time: the difference is this one's
     writer = None
     if request.history or request.system:
         chat = rag.chat_engine(history_tokens=history_tokens, extra_system=request.system)
@@ -101,10 +103,13 @@ def answer(
         emit(delta)
     if writer is not None:
         writer.join()
-    return _report(text, response.source_nodes, cancel is not None and cancel.is_set(), llm.policy)
+    reads = {tier: n - tier_hits[tier] for tier, n in app.engine.store.hits_by_tier().items()}
+    return _report(text, response.source_nodes, cancel is not None and cancel.is_set(), llm.policy, reads)
 
 
-def _report(text: str, source_nodes: list[Any], cancelled: bool, policy: str) -> AnswerReport:
+def _report(
+    text: str, source_nodes: list[Any], cancelled: bool, policy: str, kv_tier_reads: dict[str, int]
+) -> AnswerReport:
     handoff = current_handoff()
     calls = handoff.calls if handoff is not None else []
     sources = [
@@ -130,4 +135,5 @@ def _report(text: str, source_nodes: list[Any], cancelled: bool, policy: str) ->
         cache_misses=sum(c.store_misses for c in calls),
         chunks_linked=sum(c.chunks_matched for c in calls),
         decode_s=sum(c.decode_s for c in calls),
+        kv_tier_reads=kv_tier_reads,
     )
