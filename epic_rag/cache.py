@@ -35,8 +35,9 @@ class PositionalKVCache:
         return self.keys.shape[3]
 
     def link(self, chunk: ChunkKV, offset: int, inv_freq: torch.Tensor) -> None:
-        """Place a cached chunk at global positions offset..offset+n-1, keys re-rotated."""
-        n = len(chunk)
+        """Place a cached chunk at global positions offset..offset+n-1, keys re-rotated
+        (an int8 stored entry is dequantized here, to the cache dtype)."""
+        chunk, n = chunk.to(self.keys.dtype), len(chunk)
         if offset + n > self.capacity:
             raise ValueError(f"chunk of {n} tokens at {offset} overflows a cache of {self.capacity}")
         rotate_keys_into(self.keys[:, 0, :, offset : offset + n], chunk.keys, inv_freq, offset)

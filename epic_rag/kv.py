@@ -13,18 +13,24 @@ from dataclasses import dataclass
 
 import torch
 
+from .quant import dequantize, quantize_keys, quantize_values
+
 
 @dataclass
 class ChunkKV:
     """Per-layer K/V of one token sequence, keys at base position 0.
 
     Compiled alone by default; with `context_ids` it was compiled after those tokens (its
-    document predecessor) and keeps only its own K/V, rotated back to base position 0."""
+    document predecessor) and keeps only its own K/V, rotated back to base position 0.
+    Stored as int8 (`to(torch.int8)`, see `quant`) keys and values come with their scales;
+    `to` a float dtype gives K/V to link."""
 
     token_ids: torch.Tensor  # [n] int64
     keys: torch.Tensor  # [layers, kv_heads, n, head_dim], RoPE applied at positions 0..n-1
     values: torch.Tensor  # [layers, kv_heads, n, head_dim]
     context_ids: torch.Tensor | None = None  # [m] int64: what the tokens attended to before them
+    key_scale: torch.Tensor | None = None  # [layers, kv_heads, 1, head_dim] fp32, only with int8 K/V
+    value_scale: torch.Tensor | None = None  # [layers, kv_heads, n, 1] fp32, only with int8 K/V
 
     def __post_init__(self) -> None:
         n = self.token_ids.numel()
@@ -32,20 +38,43 @@ class ChunkKV:
             raise ValueError(
                 f"inconsistent ChunkKV: {n} ids, keys {tuple(self.keys.shape)}, values {tuple(self.values.shape)}"
             )
+        layers, heads, _, head_dim = self.keys.shape
+        want = ((layers, heads, 1, head_dim), (layers, heads, n, 1)) if self.quantized else (None, None)
+        got = tuple(None if s is None else tuple(s.shape) for s in (self.key_scale, self.value_scale))
+        if (self.values.dtype == torch.int8) != self.quantized or got != want:
+            raise ValueError(
+                f"inconsistent ChunkKV: {self.keys.dtype} keys, {self.values.dtype} values, scales {got}; "
+                f"int8 K/V need scales {want}, others none"
+            )
 
     def __len__(self) -> int:
         return self.token_ids.numel()
 
     @property
+    def quantized(self) -> bool:
+        """True when K/V are int8 with scales (a stored form: `to` a float dtype before linking)."""
+        return self.keys.dtype == torch.int8
+
+    @property
     def nbytes(self) -> int:
-        tensors = (self.token_ids, self.keys, self.values, self.context_ids)
+        """Bytes of every tensor held: ids, K/V and, for int8, the scales."""
+        tensors = (self.token_ids, self.keys, self.values, self.context_ids, self.key_scale, self.value_scale)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def head(self, n: int) -> ChunkKV:
-        """The entry of the first `n` tokens (causal: their K/V do not depend on later tokens)."""
+        """The entry of the first `n` tokens (causal: their K/V do not depend on later tokens).
+        An int8 entry keeps its per-channel key scales: they still bound the kept tokens."""
         if n == len(self):
             return self
-        return ChunkKV(self.token_ids[:n], self.keys[:, :, :n], self.values[:, :, :n], self.context_ids)
+        value_scale = None if self.value_scale is None else self.value_scale[:, :, :n]
+        return ChunkKV(
+            self.token_ids[:n],
+            self.keys[:, :, :n],
+            self.values[:, :, :n],
+            self.context_ids,
+            self.key_scale,
+            value_scale,
+        )
 
     def covering(self, token_ids: torch.Tensor, key: str | None = None) -> ChunkKV:
         """The leading part of this entry that holds `token_ids` (all of it, or its first tokens);
@@ -56,9 +85,17 @@ class ChunkKV:
         return self.head(n)
 
     def to(self, dtype: torch.dtype) -> ChunkKV:
-        """The same entry with K/V in `dtype` (ids stay int64)."""
+        """The same entry with K/V in `dtype` (ids stay int64): torch.int8 quantizes (keys per
+        channel, values per token, see `quant`), a float dtype dequantizes an int8 entry."""
         if self.keys.dtype == dtype:
             return self
+        if dtype == torch.int8:
+            (keys, key_scale), (values, value_scale) = quantize_keys(self.keys), quantize_values(self.values)
+            return ChunkKV(self.token_ids, keys, values, self.context_ids, key_scale, value_scale)
+        if self.quantized:
+            keys = dequantize(self.keys, self.key_scale, dtype)
+            values = dequantize(self.values, self.value_scale, dtype)
+            return ChunkKV(self.token_ids, keys, values, self.context_ids)
         return ChunkKV(self.token_ids, self.keys.to(dtype), self.values.to(dtype), self.context_ids)
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..engine import EpicEngine
 from ..offline import DEFAULT_MODEL
 from ..policies import parse_policy
+from ..store import STORAGE_DTYPES
 from .agreement import ReferenceCache, against_reference, greedy_decode
 from .records import CHUNKINGS, Record, fit_chunks, longbench_records, make_chunker
 from .scoring import best_over_golds, contains_answer, exact_match, rouge_l, token_f1
@@ -150,8 +151,9 @@ def _mean(values: list[float]) -> float:
 
 def format_table(result: dict) -> str:
     """Markdown table of the summary, one row per method."""
+    stored = f", KV stored as {result['store_dtype']}" if result.get("store_dtype") else ""
     head = (
-        f"model {result['model']} ({result['dtype']}, {result['machine']}), {result['records']} records of "
+        f"model {result['model']} ({result['dtype']}{stored}, {result['machine']}), {result['records']} records of "
         f"{result['data']}, chunking {result['chunking']}, mean {result['mean_tokens']:.0f} prompt tokens\n\n"
         "| method | EM | correct | F1 | Rouge-L | TTFT s (median) | speed-up vs full | recomputed | KL first token | "
         "KL teacher-forced | agree with full |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
@@ -175,6 +177,7 @@ def _settings(args: argparse.Namespace, source: str) -> dict:
         "max_context_tokens": args.max_context_tokens,
         "max_new_tokens": args.max_new_tokens,
         "prompt": hashlib.sha256((SYSTEM + QUESTION_TEMPLATE).encode()).hexdigest()[:16],
+        **({"store_dtype": args.store_dtype} if args.store_dtype else {}),  # absent: folders from before the option
     }
 
 
@@ -225,6 +228,7 @@ def run_records(args: argparse.Namespace, engine: EpicEngine, records: list[Reco
     result = {
         "model": args.model,
         "dtype": args.dtype,
+        "store_dtype": args.store_dtype,
         "machine": machine(),
         "data": source,
         "chunking": args.chunking,
@@ -246,7 +250,7 @@ def machine() -> str:
 
 def load_engine(args: argparse.Namespace) -> EpicEngine:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    return EpicEngine.from_pretrained(args.model, dtype=dtype, device=args.device)
+    return EpicEngine.from_pretrained(args.model, dtype=dtype, device=args.device, store_dtype=args.store_dtype)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -272,6 +276,12 @@ def add_common_arguments(
         "--max-context-tokens", type=int, default=None, help="cap the prompt (default: the model's limit)"
     )
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument(
+        "--store-dtype",
+        choices=list(STORAGE_DTYPES),
+        default=None,
+        help="dtype the chunk KV is stored in, dequantized when linked (default: the model's --dtype)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--reference-cache",

@@ -7,7 +7,7 @@ upward and writes through; `KVStore` builds the usual memory-over-disk stack.
 from .backend import BackendStats, KVBackend
 from .codec import DamagedEntry
 from .disk import DiskBackend
-from .keys import STORAGE_DTYPES, entry_key, resolve_dtype
+from .keys import STORAGE_DTYPES, entry_key, kv_bytes_per_token, resolve_dtype
 from .kvstore import KVStore
 from .memory import MemoryBackend
 from .redis import KVTierError, RedisBackend, redact
@@ -26,6 +26,7 @@ __all__ = [
     "StoreStats",
     "TieredStore",
     "entry_key",
+    "kv_bytes_per_token",
     "redact",
     "resolve_dtype",
 ]

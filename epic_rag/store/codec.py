@@ -1,11 +1,13 @@
 """Bytes of one stored entry: the format every persistent tier writes and reads.
 
 An entry is a safetensors blob with tensors ``token_ids``, ``keys`` and ``values``
-(and ``context_ids`` for an entry compiled after its neighbour) and metadata
-``format`` (version), ``fingerprint`` (the model that made it) and ``sha256`` (of the
-tensors' bytes, in that order). The checksum catches
-bit flips that still parse; the version lets a later format refuse old bytes
-instead of misreading them.
+(and ``context_ids`` for an entry compiled after its neighbour; ``key_scale`` and
+``value_scale`` for an int8 one) and metadata ``format`` (version), ``fingerprint``
+(the model that made it) and ``sha256`` (of the tensors' bytes, in that order). The
+checksum catches bit flips that still parse; the version lets a later format refuse old
+bytes instead of misreading them. Float entries are written as format "1", exactly as
+before int8 existed; int8 ones as "2", which a reader of "1" alone refuses rather than
+serving int8 numbers as K/V.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from safetensors.torch import save as st_save
 from ..kv import ChunkKV
 from .keys import entry_key
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"  # float K/V
+INT8_FORMAT_VERSION = "2"  # int8 K/V with fp32 key_scale and value_scale
 
 
 class DamagedEntry(ValueError):
@@ -38,7 +41,10 @@ def encode(entry: ChunkKV, fingerprint: str) -> bytes:
     }
     if entry.context_ids is not None:
         tensors["context_ids"] = entry.context_ids.detach().cpu().contiguous()  # [m] int64
-    metadata = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "sha256": _checksum(tensors)}
+    if entry.quantized:
+        tensors["key_scale"] = entry.key_scale.detach().cpu().contiguous()  # [layers, kv_heads, 1, head_dim]
+        tensors["value_scale"] = entry.value_scale.detach().cpu().contiguous()  # [layers, kv_heads, n, 1]
+    metadata = {"format": _format_of(entry), "fingerprint": fingerprint, "sha256": _checksum(tensors)}
     return st_save(tensors, metadata=metadata)
 
 
@@ -51,12 +57,19 @@ def decode(blob: bytes, key: str | None = None) -> tuple[ChunkKV, str]:
     try:
         tensors = st_load(blob)
         metadata = _metadata(blob)
-        entry = ChunkKV(tensors["token_ids"], tensors["keys"], tensors["values"], tensors.get("context_ids"))
+        entry = ChunkKV(
+            tensors["token_ids"],
+            tensors["keys"],
+            tensors["values"],
+            tensors.get("context_ids"),
+            tensors.get("key_scale"),
+            tensors.get("value_scale"),
+        )
         checksum = _checksum(tensors)
     except (SafetensorError, ValueError, KeyError, RuntimeError, struct.error) as err:
         raise DamagedEntry(f"not a readable entry ({type(err).__name__}: {err})") from err
-    if metadata.get("format") != FORMAT_VERSION:
-        raise DamagedEntry(f"format {metadata.get('format')!r}, expected {FORMAT_VERSION!r}")
+    if metadata.get("format") != _format_of(entry):
+        raise DamagedEntry(f"format {metadata.get('format')!r}, expected {_format_of(entry)!r}")
     if metadata.get("sha256") != checksum:
         raise DamagedEntry("checksum mismatch: the tensor bytes changed after writing")
     fingerprint = metadata.get("fingerprint")
@@ -67,10 +80,15 @@ def decode(blob: bytes, key: str | None = None) -> tuple[ChunkKV, str]:
     return entry, fingerprint
 
 
+def _format_of(entry: ChunkKV) -> str:
+    """The format version an entry of this kind is written in."""
+    return INT8_FORMAT_VERSION if entry.quantized else FORMAT_VERSION
+
+
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the raw bytes of token_ids, keys, values (and context_ids), in that order."""
+    """sha256 over the raw bytes of token_ids, keys, values (context_ids, key_scale, value_scale), in that order."""
     digest = hashlib.sha256()
-    for name in ("token_ids", "keys", "values", "context_ids"):
+    for name in ("token_ids", "keys", "values", "context_ids", "key_scale", "value_scale"):
         if name in tensors:
             digest.update(tensors[name].contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
