@@ -148,3 +148,35 @@ class Nginx:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=20)
+
+
+class ChromaServer:
+    """A Chroma server (`chroma run`, installed with the chroma extra) on 127.0.0.1."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        chroma = Path(sys.executable).with_name("chroma")
+        if not chroma.is_file():
+            pytest.fail(f"{chroma} is missing: pip install -e '.[chroma]' (the test extra includes it)")
+        self.folder = folder
+        self.process: subprocess.Popen | None = None
+        self.command = [str(chroma), "run", "--host", "127.0.0.1", "--port", str(self.port), "--path", str(folder)]
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/api/v2/heartbeat", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError(f"chroma did not come up on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None

@@ -1,6 +1,7 @@
 """Wiring: documents -> KVSplit nodes -> KV store + FAISS index on disk -> query and chat engines.
 
-An index folder holds ``storage/`` (LlamaIndex docstore + FAISS vectors), ``kv/`` (the
+An index folder holds ``storage/`` (LlamaIndex docstore + FAISS vectors; absent when the
+nodes and vectors live in a Chroma server, see `vector_stores`), ``kv/`` (the
 chunk KV store) and ``epic_rag_index.json`` (which model and embedder built it).
 Reopening it loads both; the KV of every node is already in ``kv/``.
 """
@@ -37,6 +38,7 @@ from .node_parser import KVSplitNodeParser
 from .postprocessor import EpicKVPostprocessor
 from .precompute import EpicKVPrecompute
 from .prompts import CHAT_CONTEXT_TEMPLATE, CHAT_REFINE_TEMPLATE, CHAT_SYSTEM_PROMPT, QA_PROMPT, REFINE_PROMPT
+from .vector_stores import chroma_vector_store, node_count, parse_chroma_url
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class IndexManifest:
     calibration: dict[str, Any] = field(default_factory=dict)  # what the recommendation rests on
     documents_digest: str | None = None  # sha256 over the documents read (paths and bytes)
     compile: str = "alone"  # chunk KV compiled alone, or after the chunk before it ("neighbour")
+    vector_store: str | None = None  # chroma://host:port/collection; None: FAISS files in storage/
 
     def write(self, index_dir: str | Path) -> None:
         path = Path(index_dir) / MANIFEST
@@ -267,12 +270,17 @@ def build_index(
     compile: str = "alone",
     kv_url: str | None = None,
     kv_ttl_s: int | None = None,
+    vector_store: str | None = None,
     **app_kwargs: Any,
 ) -> RagApp:
     """Read, split, precompute KV, embed, and persist; returns the opened app (`strict`: refuse a
     folder with an unreadable file instead of skipping it; `documents`: the folder already read;
     `compile`: "alone" or "neighbour", each chunk's KV compiled after the chunk before it;
-    `kv_url`: a Redis server that gets every chunk's KV too, for replicas; it must answer)."""
+    `kv_url`: a Redis server that gets every chunk's KV too, for replicas; it must answer;
+    `vector_store`: ``chroma://host:port/collection`` keeps nodes and vectors in that Chroma
+    collection, whose previous content this build replaces, instead of FAISS files)."""
+    if vector_store is not None:
+        parse_chroma_url(vector_store)  # a malformed URL fails before the model loads
     if compile not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {compile!r}; choose one of {', '.join(COMPILE_MODES)}")
     report = documents or read_documents(docs_dir, strict=strict, progress=show_progress)
@@ -285,7 +293,8 @@ def build_index(
     use_settings(llm, embed)
     parser_kwargs = {"target_tokens": 256, "max_tokens": 384, "min_tokens": 48, **(parser_kwargs or {})}
     parser = KVSplitNodeParser.from_engine(engine, **parser_kwargs)
-    storage = StorageContext.from_defaults(vector_store=_faiss_store(embed))
+    shared = chroma_vector_store(vector_store, replace=True) if vector_store else None
+    storage = StorageContext.from_defaults(vector_store=shared or _faiss_store(embed))
     index = VectorStoreIndex.from_documents(
         docs,
         storage_context=storage,
@@ -296,16 +305,21 @@ def build_index(
         ],
         show_progress=show_progress,
     )
-    _persist_atomically(storage, index_dir / "storage")
+    if shared is None:
+        _persist_atomically(storage, index_dir / "storage")
+    else:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(index_dir / "storage", ignore_errors=True)  # an older FAISS build of this folder
     manifest = IndexManifest(
         model,
         engine.fingerprint,
         DEFAULT_EMBED_MODEL,
         len(docs),
-        len(index.docstore.docs),
+        node_count(shared) if shared is not None else len(index.docstore.docs),
         parser_kwargs,
         documents_digest=report.digest,
         compile=compile,
+        vector_store=vector_store,
     )
     manifest.write(index_dir)
     return RagApp(index, llm, embed, **app_kwargs)
@@ -381,12 +395,15 @@ def open_index(
             f"index {index_dir} was built with other weights than the loaded {manifest.model!r} "
             f"(fingerprint {manifest.fingerprint[:12]} vs {engine.fingerprint[:12]}); rebuild the index"
         )
-    from llama_index.vector_stores.faiss import FaissVectorStore
-
     embed = SentenceTransformerEmbedding()
     policy = policy or manifest.policy or engine.default_policy
     llm = EpicLLM(engine, model_name=manifest.model, policy=policy, max_new_tokens=max_new_tokens)
     use_settings(llm, embed)
+    if manifest.vector_store:
+        index = VectorStoreIndex.from_vector_store(chroma_vector_store(manifest.vector_store), embed_model=embed)
+        return RagApp(index, llm, embed, **app_kwargs)
+    from llama_index.vector_stores.faiss import FaissVectorStore
+
     storage_dir = str(index_dir / "storage")
     storage = StorageContext.from_defaults(
         vector_store=FaissVectorStore.from_persist_dir(storage_dir), persist_dir=storage_dir
@@ -399,7 +416,8 @@ def calibration_samples(app: RagApp, n: int, seed: int = 0) -> list[Sample]:
     """`n` questions written from random chunks of the index, each with the chunks the app's
     retriever returns for it (in retrieval order): chunk sets as real queries meet them."""
     rng = random.Random(seed)
-    nodes = sorted(app.index.docstore.docs.values(), key=lambda n: n.node_id)
+    stored = app.index.docstore.docs.values() or app.index.vector_store.get_nodes(None)  # FAISS or Chroma
+    nodes = sorted(stored, key=lambda n: n.node_id)
     retriever = app.index.as_retriever(similarity_top_k=app.top_k)
     samples = []
     for node in rng.sample(nodes, min(n, len(nodes))):

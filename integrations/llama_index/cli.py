@@ -43,6 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument(
         "--strict", action="store_true", help="refuse the folder if a file cannot be read (default: skip it)"
     )
+    index.add_argument(
+        "--vector-store",
+        default=None,
+        metavar="chroma://HOST:PORT/COLLECTION",
+        help="keep nodes and vectors in a Chroma server's collection (replaced by this build), for replicas "
+        "on several machines (default: FAISS files in the index folder)",
+    )
     _add_kv_args(index)
     index.set_defaults(func=_index)
 
@@ -231,7 +238,7 @@ def _policy(spec: str):
 
 
 def _index(args: argparse.Namespace) -> int:
-    from .app import build_index, read_documents
+    from .app import build_index, read_documents, read_manifest
 
     report = read_documents(args.docs_dir, strict=args.strict, progress=True)  # before loading any model
     start = time.perf_counter()
@@ -245,6 +252,7 @@ def _index(args: argparse.Namespace) -> int:
         compile=args.compile,
         kv_url=args.kv_url,
         kv_ttl_s=args.kv_ttl,
+        vector_store=args.vector_store,
     )
     store = app.engine.store
     tiers = ", ".join(
@@ -254,7 +262,7 @@ def _index(args: argparse.Namespace) -> int:
     )
     print(report.summary())
     print(
-        f"indexed {len(app.index.docstore.docs)} chunks from {args.docs_dir} into {args.index} "
+        f"indexed {read_manifest(args.index).nodes} chunks from {args.docs_dir} into {args.index} "
         f"with {args.model} in {time.perf_counter() - start:.1f} s; KV store: {tiers}"
     )
     return 0
