@@ -161,11 +161,16 @@ def format_table(result: dict) -> str:
     lines = [
         f"| {spec} | {m['exact'] * 100:.1f} | {m['contains'] * 100:.1f} | {m['f1'] * 100:.1f} | "
         f"{m['rouge_l'] * 100:.1f} | {m['ttft_s']:.3f} | "
-        f"{(m['speedup_vs_full'] or float('nan')):.1f}x | {m['recomputed_fraction'] * 100:.1f}% | "
+        f"{_speedup(m['speedup_vs_full'])} | {m['recomputed_fraction'] * 100:.1f}% | "
         f"{m['kl_vs_full']:.3f} | {m['kl_tf_vs_full']:.3f} | {m['agree_vs_full'] * 100:.0f}% |"
         for spec, m in result["methods"].items()
     ]
     return head + "\n".join(lines) + "\n"
+
+
+def _speedup(value: float | None) -> str:
+    """A speed-up cell; a dash when full recompute was not among the methods."""
+    return f"{value:.1f}x" if value is not None else "—"
 
 
 def _settings(args: argparse.Namespace, source: str) -> dict:
