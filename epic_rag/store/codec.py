@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
+from collections.abc import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -22,7 +24,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..kv import ChunkKV
+from .backend import BackendStats
 from .keys import entry_key
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"  # float K/V
 INT8_FORMAT_VERSION = "2"  # int8 K/V with fp32 key_scale and value_scale
@@ -78,6 +83,28 @@ def decode(blob: bytes, key: str | None = None) -> tuple[ChunkKV, str]:
     if key is not None and entry_key(fingerprint, entry.token_ids, entry.context_ids) != key:
         raise DamagedEntry("content does not match its key (copied or renamed)")
     return entry, fingerprint
+
+
+def decode_read(
+    blob: bytes | None, key: str, stats: BackendStats, drop: Callable[[], object], where: str
+) -> tuple[ChunkKV, str] | None:
+    """What a persistent tier read under `key` (None when absent), counted in `stats`. A damaged
+    entry is never returned: `drop()` deletes it, it counts as corrupted and a miss, and a
+    WARNING names `where` it was."""
+    if blob is None:
+        stats.misses += 1
+        return None
+    stats.reads += 1
+    try:
+        found = decode(blob, key=key)
+    except DamagedEntry as err:
+        drop()
+        stats.corrupted += 1
+        stats.misses += 1
+        log.warning("deleted damaged KV entry %s: %s", where, err)
+        return None
+    stats.hits += 1
+    return found
 
 
 def _format_of(entry: ChunkKV) -> str:

@@ -9,7 +9,6 @@ and the lookup is a miss: the caller recomputes and rewrites it.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,10 +17,8 @@ from pathlib import Path
 
 from ..kv import ChunkKV
 from .backend import BackendStats, KVBackend
-from .codec import DamagedEntry, decode, encode
+from .codec import decode_read, encode
 from .keys import is_entry_key
-
-log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 
@@ -48,19 +45,8 @@ class DiskBackend(KVBackend):
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
-            self._stats.misses += 1
-            return None
-        self._stats.reads += 1
-        try:
-            found = decode(blob, key=key)
-        except DamagedEntry as err:
-            path.unlink(missing_ok=True)
-            self._stats.corrupted += 1
-            self._stats.misses += 1
-            log.warning("deleted damaged KV entry %s: %s", path, err)
-            return None
-        self._stats.hits += 1
-        return found
+            blob = None
+        return decode_read(blob, key, self._stats, lambda: path.unlink(missing_ok=True), str(path))
 
     def put(self, key: str, entry: ChunkKV, fingerprint: str) -> None:
         path = self.path(key)

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ..kv import ChunkKV
 from .backend import BackendStats, KVBackend
-from .codec import DamagedEntry, decode, encode
+from .codec import decode_read, encode
 from .keys import is_entry_key
 
 log = logging.getLogger(__name__)
@@ -136,20 +136,7 @@ class RedisBackend(KVBackend):
     def get(self, key: str) -> tuple[ChunkKV, str] | None:
         name = self.redis_key(key)
         blob = self._call(lambda c: c.getex(name, ex=self.ttl_s) if self.ttl_s else c.get(name))
-        if blob is None:
-            self._stats.misses += 1
-            return None
-        self._stats.reads += 1
-        try:
-            found = decode(blob, key=key)
-        except DamagedEntry as err:
-            self._call(lambda c: c.delete(name))
-            self._stats.corrupted += 1
-            self._stats.misses += 1
-            log.warning("deleted damaged KV entry %s from %s: %s", key, self.url, err)
-            return None
-        self._stats.hits += 1
-        return found
+        return decode_read(blob, key, self._stats, lambda: self._call(lambda c: c.delete(name)), f"{key} in {self.url}")
 
     def put(self, key: str, entry: ChunkKV, fingerprint: str) -> None:
         """One atomic SET of the whole value: concurrent writers of a key leave one of their
