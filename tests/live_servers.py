@@ -17,14 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from epic_rag.integrations.llama_index.serve_process import OFFLINE_ENV, ServeProcess, free_port
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ENV = {**os.environ, **OFFLINE_ENV}
 
 
 def binary(name: str) -> str:
@@ -82,33 +77,10 @@ class RedisServer:
             self.process = None
 
 
-class EpicServer:
-    """A live `epic-rag serve` subprocess; waits until /health answers."""
-
-    def __init__(self, index: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "epic_rag.cli", "serve", "--index", str(index), "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            [*command, *args], env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.5)
-        raise RuntimeError("the server did not come up in 300 s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+def epic_server(index: Path, *args: str) -> ServeProcess:
+    """`epic-rag serve` for a test, its output in a log file beside the index (quoted if it fails)."""
+    log = Path(index).parent / f"serve-{Path(index).name}-{time.monotonic_ns()}.log"
+    return ServeProcess(index, *args, log=log, wait_s=300)
 
 
 class Nginx:

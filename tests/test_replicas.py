@@ -13,8 +13,9 @@ import httpx
 import openai
 import pytest
 from epic_rag.integrations.llama_index.app import open_index
+from epic_rag.integrations.llama_index.serve_process import ServeProcess
 
-from .live_servers import EpicServer, Nginx, RedisServer
+from .live_servers import Nginx, RedisServer, epic_server
 from .test_server import MODEL, QUESTIONS, SAMPLES, epic_rag
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ def lamp_question(name: str) -> str:
     return f"How much does the {name} lamp cost?"
 
 
-def metric(server: EpicServer, name: str, labels: str = "") -> float:
+def metric(server: ServeProcess, name: str, labels: str = "") -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     family = name.removesuffix("_total")
     assert f"# TYPE {family}" in text, f"{family} is not exported by /metrics"
@@ -74,8 +75,8 @@ def cluster(tmp_path_factory, smollm2):
     plain = open_index(a_dir, engine=smollm2, policy=POLICY, max_new_tokens=TOKENS)  # no Redis, no server
     expected = {q: str(plain.query_engine().query(q)).strip() for q in QUESTIONS[:4]}
     args = ("--kv-url", redis.url, "--threads", "1", "--model-id", "docs")
-    a = EpicServer(a_dir, *args)
-    b = EpicServer(b_dir, *args, "--no-local-kv", "--kv-memory-mb", "0")  # every chunk from Redis
+    a = epic_server(a_dir, *args)
+    b = epic_server(b_dir, *args, "--no-local-kv", "--kv-memory-mb", "0")  # every chunk from Redis
     proxy = Nginx(root, ROOT / "deploy" / "nginx.conf", [a.port, b.port])
     yield {"redis": redis, "a": a, "b": b, "nginx": proxy, "expected": expected}
     for server in (proxy, a, b, redis):

@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from epic_rag.integrations.llama_index.serve_process import ServeProcess
 
-from .live_servers import ENV, EpicServer, free_port
+from .live_servers import ENV, epic_server, free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,8 +52,8 @@ def index_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(index_dir) -> Iterator[EpicServer]:
-    live = EpicServer(index_dir, "--queue-size", "16", "--threads", "2")
+def server(index_dir) -> Iterator[ServeProcess]:
+    live = epic_server(index_dir, "--queue-size", "16", "--threads", "2")
     yield live
     live.stop()
 
@@ -205,7 +206,7 @@ def test_binding_beyond_loopback_needs_a_key(index_dir):
 
 
 def test_api_key_and_queue_limit(index_dir):
-    server = EpicServer(index_dir, "--api-key", KEY, "--queue-size", "1", "--threads", "2")
+    server = epic_server(index_dir, "--api-key", KEY, "--queue-size", "1", "--threads", "2")
     try:
         body = {"model": "docs-index", "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 48}
         url = f"{server.url}/v1/chat/completions"
@@ -271,3 +272,17 @@ def test_web_chat_in_headless_chromium(server):
             assert json.loads(page.evaluate("JSON.stringify(state.history)")) == []
         finally:
             browser.close()
+
+
+def test_bench_serve_starts_its_own_server_and_writes_results(index_dir, tmp_path):
+    out = tmp_path / "serve-bench"
+    done = epic_rag(
+        "bench", "serve", "--index", str(index_dir), "--policies", "attnlink:16", "--clients", "1,2",
+        "--requests", "2", "--max-tokens", "4", "--top-k", "3", "--threads", "1", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["policy"], r["clients"], r["ok"]) for r in rows] == [("attnlink:16", 1, 2), ("attnlink:16", 2, 2)]
+    assert all(r["mismatched"] == 0 and r["ttft_p50"] > 0 for r in rows)  # greedy: concurrency changes no answer
+    assert "attnlink:16" in (out / "results.md").read_text()
+    assert (out / "serve.png").stat().st_size > 0

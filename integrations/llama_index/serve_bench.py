@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -23,6 +19,8 @@ from pathlib import Path
 
 import httpx
 from tqdm.auto import tqdm
+
+from .serve_process import ServeProcess
 
 DEFAULT_QUESTIONS = [
     "What is the warranty on a Skylark buoy?",
@@ -83,7 +81,9 @@ def register(kinds: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     questions = _questions(args.questions)[: args.requests]  # each run sends these, so each has a reference
     clients = [int(c) for c in args.clients.split(",")]
-    with _LiveServer(args.index, args.threads) as url:
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    with ServeProcess(args.index, "--queue-size", "64", *threads) as server:
+        url = server.url
         model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
         rows, server_policy = [], None
         for policy in [p.strip() for p in args.policies.split(",") if p.strip()]:
@@ -213,33 +213,3 @@ def _questions(path: str | None) -> list[str]:
         return list(DEFAULT_QUESTIONS)
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [r["question"] for r in rows]
-
-
-class _LiveServer:
-    """`epic-rag serve` on a free loopback port for the benchmark's lifetime."""
-
-    def __init__(self, index: str, threads: int | None) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.command = [sys.executable, "-m", "epic_rag.cli", "serve", "--index", index, "--port", str(self.port)]
-        self.command += ["--queue-size", "64"] + (["--threads", str(threads)] if threads else [])
-
-    def __enter__(self) -> str:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.process = subprocess.Popen(self.command, env=env)
-        url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"epic-rag serve exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                time.sleep(0.5)
-        raise RuntimeError("epic-rag serve did not come up in 600 s")
-
-    def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
