@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .bench.agreement import against_reference, greedy_decode
+from .agreement import against_reference, greedy_decode
 from .policies import parse_policy
+from .policy_spec import CANDIDATES
 
 REFERENCE = "full"
 SPEED_REFERENCE = "attnlink:16"
-CANDIDATES = ("attnlink:16", "guided:16", "reuse", "cacheblend:0.15")
 
 
 @dataclass

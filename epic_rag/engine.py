@@ -27,7 +27,8 @@ from .kv import ChunkKV, rotate_keys
 from .layout import COMPUTED, PromptLayout, Segment
 from .model import check_supported, fingerprint, load_model, rotary_facts
 from .offline import DEFAULT_MODEL, builtin_policy
-from .policies import DEFAULT_POLICY, Probe, RecomputePolicy, parse_policy
+from .policies import Probe, RecomputePolicy, parse_policy
+from .policy_spec import DEFAULT_POLICY
 from .prompt import PromptBuilder
 from .results import Generation, PrefillResult, PrefillStats, TokenStream
 from .sampling import SamplingParams

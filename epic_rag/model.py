@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .offline import OFFLINE_MODELS, builtin_name, ensure_converted_gguf, offline_model_folder
+from .offline import builtin_name, ensure_converted_gguf, offline_model_folder
 
 # model_type -> family name; each has model.model.{embed_tokens, layers, norm, rotary_emb}.
 SUPPORTED_MODEL_TYPES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
@@ -123,22 +123,6 @@ def fingerprint(model) -> str:
             digest.update(repr(float(flat.double().sum())).encode())
             digest.update(flat[::step].float().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def check_model_spec(spec: str | Path) -> None:
-    """Refuse, before anything loads, a model that is neither built in, nor a folder or .gguf
-    file that exists, nor shaped like a hub id (``org/name``); the message lists what works."""
-    text = str(spec).strip()
-    if builtin_name(text) is not None:
-        return
-    path = Path(text).expanduser()
-    if path.exists() or (text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf")):
-        return
-    what = "GGUF file" if text.lower().endswith(".gguf") else "model folder" if "/" in text or "\\" in text else "model"
-    raise ValueError(
-        f"unknown {what} {text!r}: not found here. Built-in models: {', '.join(OFFLINE_MODELS)}; "
-        "or pass a model folder, a .gguf file, or a Hugging Face hub id (org/name)"
-    )
 
 
 def resolve_model_folder(spec: str | Path) -> str:

@@ -183,3 +183,19 @@ def offline_model_folder(name: str) -> Path:
     except KeyError:
         raise KeyError(f"unknown built-in model {name!r}; choose one of {sorted(OFFLINE_MODELS)}") from None
     return ensure_converted_gguf(entry.locate_parts(), entry.sha256)
+
+
+def check_model_spec(spec: str | Path) -> None:
+    """Refuse, before anything loads, a model that is neither built in, nor a folder or .gguf
+    file that exists, nor shaped like a hub id (``org/name``); the message lists what works."""
+    text = str(spec).strip()
+    if builtin_name(text) is not None:
+        return
+    path = Path(text).expanduser()
+    if path.exists() or (text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf")):
+        return
+    what = "GGUF file" if text.lower().endswith(".gguf") else "model folder" if "/" in text or "\\" in text else "model"
+    raise ValueError(
+        f"unknown {what} {text!r}: not found here. Built-in models: {', '.join(OFFLINE_MODELS)}; "
+        "or pass a model folder, a .gguf file, or a Hugging Face hub id (org/name)"
+    )

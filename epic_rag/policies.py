@@ -18,10 +18,8 @@ import torch
 
 from .forward import LayerHook, LayerState, query_attention
 from .layout import PromptLayout
+from .policy_spec import parse_spec
 from .rescale import AttentionRescale
-
-DEFAULT_POLICY = "attnlink:16"
-DEFAULT_RESCALE = (0.9, 1.0)  # (T, S) for a bare "+ape": the dev sweep (benchmarks/RESULTS.md)
 
 
 class Probe:
@@ -250,42 +248,22 @@ class Rescaled(RecomputePolicy):
 
 
 def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
-    """'full' | 'reuse' | 'prefix' | 'attnlink[:k]' | 'cacheblend[:ratio[:check_layer]]' |
-    'guided[:k[:sinks[:layer+layer...]]]', optionally followed by '+ape[:T[:S]]' -> policy."""
+    """A policy from its spec (see `policy_spec.parse_spec` for the grammar), or the policy itself."""
     if isinstance(spec, RecomputePolicy):
         return spec
-    text = str(spec).strip().lower()
-    base, marker, ape = text.partition("+ape")
-    if marker:
-        if ape and not ape.startswith(":"):
-            raise ValueError(f"bad policy {spec!r}: write the rescaling as +ape, +ape:T or +ape:T:S")
-        try:
-            values = [float(v) for v in ape.split(":")[1:]]
-            if len(values) > 2:
-                raise ValueError("+ape takes at most T and S")
-            rescale = AttentionRescale(*values) if values else AttentionRescale(*DEFAULT_RESCALE)
-        except ValueError as err:
-            raise ValueError(f"bad policy {spec!r}: {err}") from None
-        return Rescaled(parse_policy(base), rescale)
-    name, *args = [p.strip() for p in text.split(":")]
+    parsed = parse_spec(spec)
     try:
-        if name in ("full", "fullrecompute", "full_recompute") and not args:
-            return FullRecompute()
-        if name in ("reuse", "fullreuse", "full_reuse", "naive") and not args:
-            return FullReuse()
-        if name in ("prefix", "prefixonly", "prefix_only") and not args:
-            return PrefixOnly()
-        if name in ("attnlink", "legolink") and len(args) <= 1:
-            return AttnLink(int(args[0]) if args else 16)
-        if name == "cacheblend" and len(args) <= 2:
-            return CacheBlend(float(args[0]) if args else 0.15, int(args[1]) if len(args) > 1 else 1)
-        if name == "guided" and len(args) <= 3:
-            layers = tuple(int(i) for i in args[2].split("+")) if len(args) > 2 else (-1,)
-            return QueryGuided(int(args[0]) if args else 16, int(args[1]) if len(args) > 1 else 4, layers)
+        base = _BUILDERS[parsed.name](*parsed.args)
     except ValueError as err:
         raise ValueError(f"bad policy {spec!r}: {err}") from None
-    raise ValueError(
-        f"unknown policy {spec!r}; use one of: full, reuse, prefix, attnlink:K (e.g. attnlink:16), "
-        "cacheblend:R (e.g. cacheblend:0.15), guided:K (e.g. guided:16), each optionally +ape:T:S "
-        "(e.g. attnlink:16+ape:0.9:0.9)"
-    )
+    return Rescaled(base, AttentionRescale(*parsed.rescale)) if parsed.rescale else base
+
+
+_BUILDERS: dict[str, Callable[..., RecomputePolicy]] = {
+    "full": FullRecompute,
+    "reuse": FullReuse,
+    "prefix": PrefixOnly,
+    "attnlink": AttnLink,
+    "cacheblend": CacheBlend,
+    "guided": QueryGuided,
+}

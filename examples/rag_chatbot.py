@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from epic_rag.integrations.llama_index import current_handoff
-from epic_rag.integrations.llama_index.app import build_index, index_is_current, open_index, read_documents
+from epic_rag.app.index import build_index, index_is_current, open_index, read_documents
 
 from epic_rag import DEFAULT_MODEL
 from epic_rag.offline import cache_dir

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from epic_rag import EpicEngine, KVStore
-from epic_rag.bench.data import default_data_dir
+from epic_rag_bench.data import default_data_dir
 
 SHARED_DATA = default_data_dir()
 

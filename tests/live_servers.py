@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from epic_rag.integrations.llama_index.serve_process import OFFLINE_ENV, ServeProcess, free_port
+from epic_rag.server.process import OFFLINE_ENV, ServeProcess, free_port
 
 ENV = {**os.environ, **OFFLINE_ENV}
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from epic_rag.integrations.llama_index.app_quality import (
+from epic_rag_bench.app_quality import (
     Turn,
     declines,
     judge,
     read_conversations,
     read_questions,
 )
-from epic_rag.integrations.llama_index.prompts import NOT_IN_DOCUMENTS
+from epic_rag.app.prompts import NOT_IN_DOCUMENTS
 
 QA = Path(__file__).resolve().parents[1] / "benchmarks" / "qa"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from epic_rag.bench import accuracy
-from epic_rag.bench.agreement import greedy_decode, kl_divergence, teacher_forced_logits
-from epic_rag.bench.needle import fitting_lengths
-from epic_rag.bench.records import NEEDLE, NEEDLE_QUESTION, fit_chunks, make_chunker, needle_records, split_passages
+from epic_rag_bench import accuracy
+from epic_rag.agreement import greedy_decode, kl_divergence, teacher_forced_logits
+from epic_rag_bench.needle import fitting_lengths
+from epic_rag_bench.records import NEEDLE, NEEDLE_QUESTION, fit_chunks, make_chunker, needle_records, split_passages
 from epic_rag.cli import main as cli_main
 
 from .conftest import SHARED_DATA
@@ -219,7 +219,7 @@ def test_qa_bench_retrieves_from_a_folder_and_scores_every_method(tmp_path):
 
 
 def test_exact_match_and_contained_answers_normalise():
-    from epic_rag.bench.scoring import contains_answer, exact_match
+    from epic_rag_bench.scoring import contains_answer, exact_match
 
     assert exact_match("The three years.", "three years") == 1.0
     assert exact_match("three-year warranty", "three years") == 0.0

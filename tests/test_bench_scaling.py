@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from epic_rag.bench.data import essay_chunks
-from epic_rag.bench.scaling import _chunks_that_fit
-from epic_rag.bench.ttft import QUESTION
+from epic_rag_bench.data import essay_chunks
+from epic_rag_bench.scaling import _chunks_that_fit
+from epic_rag_bench.ttft import QUESTION
 from epic_rag.cli import main as cli_main
 
 from .live_servers import RedisServer

@@ -8,7 +8,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from epic_rag.bench.data import default_data_dir
+from epic_rag_bench.data import default_data_dir
 from epic_rag.chunking import KVSplit, count_tokens_with, fixed_size_split, load_sentence_encoder, sentence_spans
 from epic_rag.model import resolve_model_folder
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from epic_rag.integrations.llama_index.engine_worker import EngineWorker, Job, QueueFull
+from epic_rag.server.worker import EngineWorker, Job, QueueFull
 
 
 def test_jobs_run_one_at_a_time_in_order_and_a_full_queue_refuses():

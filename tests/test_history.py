@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from epic_rag.integrations.llama_index.history import BoundedHistory
+from epic_rag.app.history import BoundedHistory
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from epic_rag import ChunkKV, KVStore
-from epic_rag.bench.accuracy import _settings, add_arguments
-from epic_rag.bench.scaling import storage_costs
+from epic_rag_bench.accuracy import _settings, add_arguments
+from epic_rag_bench.scaling import storage_costs
 from epic_rag.store import DamagedEntry, entry_key, resolve_dtype
 from epic_rag.store.codec import decode, encode
 from epic_rag.store.keys import kv_bytes_per_token

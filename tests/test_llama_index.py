@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from epic_rag.integrations.llama_index import EpicLLM, current_handoff, last_call
-from epic_rag.integrations.llama_index.app import build_index, open_index
+from epic_rag.app.index import build_index, open_index
 from epic_rag.integrations.llama_index.handoff import KV_KEY, Handoff, llm_text, set_handoff
-from epic_rag.integrations.llama_index.prompts import NOT_IN_DOCUMENTS
+from epic_rag.app.prompts import NOT_IN_DOCUMENTS
 from llama_index.core.schema import MetadataMode
 
 from epic_rag import EpicEngine, KVStore

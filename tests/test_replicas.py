@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from epic_rag.integrations.llama_index.app import open_index
-from epic_rag.integrations.llama_index.serve_process import ServeProcess
+from epic_rag.app.index import open_index
+from epic_rag.server.process import ServeProcess
 
 from .live_servers import Nginx, RedisServer, epic_server
 from .test_server import MODEL, QUESTIONS, SAMPLES, epic_rag

@@ -111,6 +111,6 @@ def test_bad_rescaling_is_refused_with_help(bad):
 
 
 def test_bare_ape_takes_the_swept_defaults():
-    from epic_rag.policies import DEFAULT_RESCALE
+    from epic_rag.policy_spec import DEFAULT_RESCALE
 
     assert parse_policy("attnlink:16+ape").rescale == AttentionRescale(*DEFAULT_RESCALE)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from epic_rag.bench.scoring import best_over_golds, normalize_answer, rouge_l, token_f1
+from epic_rag_bench.scoring import best_over_golds, normalize_answer, rouge_l, token_f1
 
 
 def test_normalisation_drops_case_punctuation_articles_and_extra_space():

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from epic_rag.integrations.llama_index.serve_process import ServeProcess
+from epic_rag.server.process import ServeProcess
 
 from .live_servers import ENV, epic_server, free_port
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from epic_rag.integrations.llama_index.app import build_index, open_index, read_manifest
-from epic_rag.integrations.llama_index.vector_stores import parse_chroma_url
+from epic_rag.app.index import build_index, open_index, read_manifest
+from epic_rag.app.vector_stores import parse_chroma_url
 
 from .live_servers import ChromaServer
 from .test_server import SAMPLES, epic_rag

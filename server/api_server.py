@@ -17,6 +17,8 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
+from epic_rag.app.answering import AnswerReport, ChatRequest, answer
+from epic_rag.app.index import HISTORY_TOKENS, RagApp
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -26,10 +28,8 @@ from prometheus_client.registry import Collector
 
 from epic_rag.store import TieredStore
 
-from .answering import AnswerReport, ChatRequest, answer
-from .app import HISTORY_TOKENS, RagApp
-from .engine_worker import EngineWorker, Job, QueueFull
-from .openai_api import APIError, Completion, Limits, parse_chat_request
+from .protocol import APIError, Completion, Limits, parse_chat_request
+from .worker import EngineWorker, Job, QueueFull
 
 logger = logging.getLogger(__name__)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

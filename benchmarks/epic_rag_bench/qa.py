@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..chunking import KVSplit, count_tokens_with, load_sentence_encoder
-from ..policies import parse_policy
+from epic_rag.chunking import KVSplit, count_tokens_with, load_sentence_encoder
+from epic_rag.policies import parse_policy
+
 from .accuracy import add_common_arguments, format_table, load_engine, run_records
 from .records import Record, read_jsonl
 

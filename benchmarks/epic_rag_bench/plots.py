@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from ..policies import AttnLink, parse_policy  # noqa: E402
+from epic_rag.policies import AttnLink, parse_policy  # noqa: E402
 
 
 def plot_f1_vs_ttft(summary: dict[str, dict], path: Path, title: str = "") -> Path:

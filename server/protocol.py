@@ -11,11 +11,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from epic_rag.app.answering import AnswerReport, ChatRequest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
 from epic_rag import parse_policy
-
-from .answering import AnswerReport, ChatRequest
 
 MAX_TOP_K = 32
 REFUSED_FIELDS = {

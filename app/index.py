@@ -21,6 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from epic_rag.integrations.llama_index.embeddings import DEFAULT_EMBED_MODEL, SentenceTransformerEmbedding
+from epic_rag.integrations.llama_index.handoff import CallReport, Handoff, current_handoff, llm_text, set_handoff
+from epic_rag.integrations.llama_index.llm import EpicLLM, last_call
+from epic_rag.integrations.llama_index.node_parser import KVSplitNodeParser
+from epic_rag.integrations.llama_index.postprocessor import EpicKVPostprocessor
+from epic_rag.integrations.llama_index.precompute import EpicKVPrecompute
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex, load_index_from_storage
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.chat_engine import CondensePlusContextChatEngine, ContextChatEngine
@@ -30,14 +36,9 @@ from epic_rag import DEFAULT_MODEL, EpicEngine, RecomputePolicy
 from epic_rag.calibration import CANDIDATES, PolicyScore, Sample, calibrate, recommend
 from epic_rag.offline import builtin_name
 
-from .embeddings import DEFAULT_EMBED_MODEL, SentenceTransformerEmbedding
-from .handoff import CallReport, Handoff, current_handoff, llm_text, set_handoff
 from .history import BoundedHistory
-from .llm import EpicLLM, last_call
-from .node_parser import KVSplitNodeParser
-from .postprocessor import EpicKVPostprocessor
-from .precompute import EpicKVPrecompute
 from .prompts import CHAT_CONTEXT_TEMPLATE, CHAT_REFINE_TEMPLATE, CHAT_SYSTEM_PROMPT, QA_PROMPT, REFINE_PROMPT
+from .settings import CHAT_RETRIEVAL, HISTORY_TOKENS
 from .vector_stores import chroma_vector_store, node_count, parse_chroma_url
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,6 @@ logger = logging.getLogger(__name__)
 MANIFEST = "epic_rag_index.json"
 COMPILE_MODES = ("alone", "neighbour")
 LONG_PREFILL_TOKENS = 4096  # a prefill computing this many tokens shows a progress bar
-CHAT_RETRIEVAL = ("latest", "condense")
-HISTORY_TOKENS = 768  # earlier chat turns kept in the prompt (recomputed every turn)
 SKIP_DIRS = {".git", "__pycache__", ".ipynb_checkpoints"}
 
 

@@ -63,7 +63,7 @@ def make_chunker(engine, mode: str) -> Callable[[str], list[str]]:
     if mode != "kvsplit":
         raise ValueError(f"unknown chunking {mode!r}; choose one of {', '.join(CHUNKINGS)}")
     try:
-        from ..chunking import KVSplit, count_tokens_with
+        from epic_rag.chunking import KVSplit, count_tokens_with
     except ImportError as err:
         raise ValueError(f"--chunking kvsplit needs epic_rag.chunking.KVSplit, which is not available: {err}") from None
     splitter = KVSplit(count_tokens_with(engine.tokenizer), separator=PASSAGE)

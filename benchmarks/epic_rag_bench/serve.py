@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+from epic_rag.server.process import ServeProcess
 from tqdm.auto import tqdm
-
-from .serve_process import ServeProcess
 
 DEFAULT_QUESTIONS = [
     "What is the warranty on a Skylark buoy?",

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..decode import sample_tokens
-from ..offline import cache_dir
-from ..sampling import SamplingParams
+from .decode import sample_tokens
+from .offline import cache_dir
+from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

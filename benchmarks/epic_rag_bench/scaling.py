@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import EpicEngine
-from ..store import STORAGE_DTYPES, KVStore, redact
+from epic_rag.agreement import kl_divergence
+from epic_rag.engine import EpicEngine
+from epic_rag.store import STORAGE_DTYPES, KVStore, redact
+
 from .accuracy import machine
-from .agreement import kl_divergence
 from .data import essay_chunks
 from .records import fit_chunks
 from .ttft import QUESTION
@@ -87,7 +88,7 @@ def run_cell(cell: dict) -> dict:
 def _spawn(cell: dict) -> dict:
     """Run one cell in a fresh interpreter (cell JSON on stdin) and parse its JSON line."""
     proc = subprocess.run(
-        [sys.executable, "-m", "epic_rag.bench.scaling"],
+        [sys.executable, "-m", "epic_rag_bench.scaling"],
         input=json.dumps(cell),
         capture_output=True,
         text=True,

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from epic_rag.integrations.llama_index.handoff import current_handoff, set_handoff
+from epic_rag.integrations.llama_index.llm import EpicLLM
 from llama_index.core.base.llms.types import ChatMessage
 
-from .app import HISTORY_TOKENS, RagApp
-from .handoff import current_handoff, set_handoff
-from .llm import EpicLLM
+from .index import HISTORY_TOKENS, RagApp
 
 SNIPPET_CHARS = 240
 

@@ -1,6 +1,8 @@
-"""`epic-rag index | ask | chat`: the LlamaIndex RAG app on the command line.
+"""`epic-rag index | ask | chat | calibrate`: the RAG application on the command line.
 
-Registered through the ``epic_rag.cli`` entry-point group; `register` adds the parsers.
+Registered through the ``epic_rag.cli`` entry-point group. This module imports only the
+standard library and torch-free parts of epic_rag: LlamaIndex, torch and the model load
+when a command runs, and a missing extra is named with the pip command that adds it.
 """
 
 from __future__ import annotations
@@ -8,27 +10,41 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from epic_rag import DEFAULT_MODEL, parse_policy
-from epic_rag.calibration import CANDIDATES
-from epic_rag.model import check_model_spec
+from epic_rag.cli import require_extra
+from epic_rag.offline import DEFAULT_MODEL, check_model_spec
+from epic_rag.policy_spec import CANDIDATES, parse_spec
 
-from .app import CHAT_RETRIEVAL, HISTORY_TOKENS
-from .handoff import CallReport, Handoff, current_handoff, set_handoff
+from .settings import CHAT_RETRIEVAL, HISTORY_TOKENS
+
+if TYPE_CHECKING:
+    from epic_rag.integrations.llama_index.handoff import CallReport, Handoff
 
 RESPONSE_MODES = ("compact", "simple_summarize", "refine", "tree_summarize")
-API_KEY_ENV = "EPIC_RAG_API_KEY"
 KV_URL_ENV = "EPIC_RAG_KV_URL"  # keeps a Redis password out of the process list
 MAX_QUESTION_TOKENS = 1024  # one request cannot take minutes and gigabytes by accident
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    index = subparsers.add_parser("index", help="build a FAISS index and KV store from a documents folder")
+    """Add index, ask, chat and calibrate; each one's arguments are added when it is named."""
+    subparsers.add_parser(
+        "index", help="build a FAISS index and KV store from a documents folder", configure=_index_args
+    )
+    subparsers.add_parser("ask", help="answer one question from an index", configure=_ask_args)
+    subparsers.add_parser("chat", help="interactive chat over an index", configure=_chat_args)
+    subparsers.add_parser(
+        "calibrate",
+        help="measure recompute policies on an index's own chunks and record the best in it",
+        configure=_calibrate_args,
+    )
+
+
+def _index_args(index: argparse.ArgumentParser) -> None:
     index.add_argument("docs_dir", metavar="DOCS_DIR", help="folder of documents (.txt, .md, .pdf, .docx, .html)")
     index.add_argument("--index", required=True, metavar="INDEX_DIR", help="folder to write the index to")
     index.add_argument(
-        "--model", type=_model, default=DEFAULT_MODEL, help=f"model name, folder or .gguf (default {DEFAULT_MODEL})"
+        "--model", type=model_arg, default=DEFAULT_MODEL, help=f"model name, folder or .gguf (default {DEFAULT_MODEL})"
     )
     index.add_argument("--target-tokens", type=int, default=256, help="chunk size KVSplit aims for (LLM tokens)")
     index.add_argument("--max-tokens", type=int, default=384, help="hard maximum chunk size (LLM tokens)")
@@ -50,83 +66,61 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep nodes and vectors in a Chroma server's collection (replaced by this build), for replicas "
         "on several machines (default: FAISS files in the index folder)",
     )
-    _add_kv_args(index)
+    add_kv_args(index)
     index.set_defaults(func=_index)
 
-    for name, helptext in (("ask", "answer one question from an index"), ("chat", "interactive chat over an index")):
-        p = subparsers.add_parser(name, help=helptext)
-        if name == "ask":
-            p.add_argument("question", help="the question")
-        p.add_argument("--index", required=True, metavar="INDEX_DIR", help="an index built by `epic-rag index`")
-        p.add_argument(
-            "--policy",
-            type=_policy,
-            default=None,
-            help="recompute policy, e.g. attnlink:16, guided:16, full, reuse, cacheblend:0.15 (default: the one "
-            "`epic-rag calibrate` recorded for the index, else the model's default, shown by `epic-rag info`)",
-        )
-        p.add_argument(
-            "--model", type=_model, default=None, help="must be the model that built the index (default: that one)"
-        )
-        p.add_argument("--top-k", type=int, default=3, help="chunks to retrieve (default 3)")
-        p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
-        p.add_argument(
-            "--max-question-tokens",
-            type=int,
-            default=MAX_QUESTION_TOKENS,
-            help=f"refuse longer questions before any work (default {MAX_QUESTION_TOKENS})",
-        )
-        if name == "ask":
-            p.add_argument("--response-mode", default="compact", choices=RESPONSE_MODES)
-        else:
-            p.add_argument(
-                "--retrieval",
-                choices=CHAT_RETRIEVAL,
-                default="latest",
-                help="retrieve on the latest message (default) or on a standalone question the model "
-                "condenses from the history first (one more model call per follow-up)",
-            )
-            p.add_argument(
-                "--history-tokens",
-                type=int,
-                default=HISTORY_TOKENS,
-                help=f"earlier turns kept in the prompt, in tokens; older ones are dropped (default {HISTORY_TOKENS})",
-            )
-        _add_kv_args(p)
-        p.set_defaults(func=_ask if name == "ask" else _chat)
-    register_calibrate(subparsers)
-    register_serve(subparsers)
+
+def _ask_args(p: argparse.ArgumentParser) -> None:
+    _question_args(p, "ask")
 
 
-def register_serve(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="OpenAI-compatible chat server over an index, with a web chat at /")
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _question_args(p, "chat")
+
+
+def _question_args(p: argparse.ArgumentParser, name: str) -> None:
+    if name == "ask":
+        p.add_argument("question", help="the question")
     p.add_argument("--index", required=True, metavar="INDEX_DIR", help="an index built by `epic-rag index`")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
     p.add_argument(
-        "--policy", type=_policy, default=None, help="default recompute policy (a request may ask for another)"
+        "--policy",
+        type=policy_arg,
+        default=None,
+        help="recompute policy, e.g. attnlink:16, guided:16, full, reuse, cacheblend:0.15 (default: the one "
+        "`epic-rag calibrate` recorded for the index, else the model's default, shown by `epic-rag info`)",
     )
     p.add_argument(
-        "--model", type=_model, default=None, help="must be the model that built the index (default: that one)"
+        "--model", type=model_arg, default=None, help="must be the model that built the index (default: that one)"
     )
+    p.add_argument("--top-k", type=int, default=3, help="chunks to retrieve (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
     p.add_argument(
-        "--api-key",
-        default=os.environ.get(API_KEY_ENV) or None,
-        help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}); needed to bind beyond 127.0.0.1",
+        "--max-question-tokens",
+        type=int,
+        default=MAX_QUESTION_TOKENS,
+        help=f"refuse longer questions before any work (default {MAX_QUESTION_TOKENS})",
     )
-    p.add_argument("--model-id", default=None, help="the model id clients use (default: the index folder's name)")
-    p.add_argument("--top-k", type=int, default=3, help="chunks to retrieve unless a request says (default 3)")
-    p.add_argument("--max-question-tokens", type=int, default=MAX_QUESTION_TOKENS)
-    p.add_argument("--max-tokens", type=int, default=1024, help="the most answer tokens a request may ask for")
-    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch threads for the one running request (default: the CPU count)"
-    )
-    _add_kv_args(p)
-    p.set_defaults(func=_serve)
+    if name == "ask":
+        p.add_argument("--response-mode", default="compact", choices=RESPONSE_MODES)
+    else:
+        p.add_argument(
+            "--retrieval",
+            choices=CHAT_RETRIEVAL,
+            default="latest",
+            help="retrieve on the latest message (default) or on a standalone question the model "
+            "condenses from the history first (one more model call per follow-up)",
+        )
+        p.add_argument(
+            "--history-tokens",
+            type=int,
+            default=HISTORY_TOKENS,
+            help=f"earlier turns kept in the prompt, in tokens; older ones are dropped (default {HISTORY_TOKENS})",
+        )
+    add_kv_args(p)
+    p.set_defaults(func=_ask if name == "ask" else _chat)
 
 
-def _add_kv_args(p: argparse.ArgumentParser) -> None:
+def add_kv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-url",
         default=os.environ.get(KV_URL_ENV) or None,
@@ -154,50 +148,12 @@ def _add_kv_args(p: argparse.ArgumentParser) -> None:
         )
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-
-    try:
-        import uvicorn
-
-        from .server import check_bind, create_app
-    except ImportError as err:
-        missing = f"epic-rag serve needs the serve extra ({err.name} is missing)"
-        raise ValueError(f"{missing}: pip install 'epic-rag[serve]'") from None
-    from .app import read_manifest
-
-    check_bind(args.host, args.api_key)  # before anything loads
-    read_manifest(args.index)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    rag = _open(args)
-    model_id = args.model_id or Path(args.index).resolve().name
-    app = create_app(
-        rag,
-        model_id,
-        api_key=args.api_key,
-        max_waiting=args.queue_size,
-        max_question_tokens=args.max_question_tokens,
-        max_tokens=args.max_tokens,
-    )
-    print(
-        f"epic-rag serve: model id {model_id!r}, policy {rag.llm.policy}, on http://{args.host}:{args.port}/",
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
-
-
-def register_calibrate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "calibrate", help="measure recompute policies on an index's own chunks and record the best in it"
-    )
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", required=True, metavar="INDEX_DIR", help="an index built by `epic-rag index`")
     p.add_argument("--samples", type=int, default=12, help="questions to sample from the index (default 12)")
     p.add_argument(
         "--policies",
-        type=lambda s: [_policy(x).spec for x in s.split(",") if x.strip()],
+        type=lambda s: [policy_arg(x) for x in s.split(",") if x.strip()],
         default=list(CANDIDATES),
         help=f"candidates, comma-separated (default {','.join(CANDIDATES)})",
     )
@@ -209,7 +165,7 @@ def register_calibrate(subparsers: argparse._SubParsersAction) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     from epic_rag.calibration import format_scores
 
-    from .app import MANIFEST, calibrate_index, read_manifest
+    from .index import MANIFEST, calibrate_index, read_manifest
 
     read_manifest(args.index)  # fail on a bad index folder before loading any model
     scores, best = calibrate_index(
@@ -220,7 +176,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model(spec: str) -> str:
+def model_arg(spec: str) -> str:
     """argparse type: a model that does not exist is refused before anything loads."""
     try:
         check_model_spec(spec)
@@ -229,16 +185,18 @@ def _model(spec: str) -> str:
     return spec
 
 
-def _policy(spec: str):
-    """argparse type: a bad policy is refused before any model is loaded."""
+def policy_arg(spec: str) -> str:
+    """argparse type: a bad policy is refused before anything loads (the spec, checked)."""
     try:
-        return parse_policy(spec)
+        parse_spec(spec)
+        return spec.strip()
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _index(args: argparse.Namespace) -> int:
-    from .app import build_index, read_documents, read_manifest
+    require_extra("index", "llama-index", "llama_index.core", "faiss", "sentence_transformers")
+    from .index import build_index, read_documents, read_manifest
 
     report = read_documents(args.docs_dir, strict=args.strict, progress=True)  # before loading any model
     start = time.perf_counter()
@@ -278,7 +236,7 @@ def _question_limit(args: argparse.Namespace):
 
     from epic_rag.model import load_tokenizer, resolve_model_folder
 
-    from .app import read_manifest
+    from .index import read_manifest
 
     model = args.model or read_manifest(args.index).model
     tokenizer = load_tokenizer(model)
@@ -300,8 +258,10 @@ def _question_limit(args: argparse.Namespace):
     return check
 
 
-def _open(args: argparse.Namespace):
-    from .app import open_index, read_manifest
+def open_app(args: argparse.Namespace):
+    """The RagApp of `--index` as the command's arguments ask for it."""
+    require_extra(args.command, "llama-index", "llama_index.core", "faiss", "sentence_transformers")
+    from .index import open_index, read_manifest
 
     read_manifest(args.index)  # fail on a bad index folder before loading any model
     if not args.local_kv and not args.kv_url:
@@ -324,11 +284,13 @@ def _open(args: argparse.Namespace):
 def _ask(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValueError("the question is empty")
-    from .app import read_manifest
+    from .index import read_manifest
 
     read_manifest(args.index)
     _question_limit(args)(args.question)  # before the model loads
-    app = _open(args)
+    app = open_app(args)
+    from epic_rag.integrations.llama_index.handoff import current_handoff
+
     response = app.query_engine(response_mode=args.response_mode).query(args.question)
     print(str(response).strip())
     print()
@@ -338,7 +300,9 @@ def _ask(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     check = _question_limit(args)
-    app = _open(args)
+    app = open_app(args)
+    from epic_rag.integrations.llama_index.handoff import current_handoff, set_handoff
+
     chat = app.chat_engine(retrieval=args.retrieval, history_tokens=args.history_tokens)
     print("epic-rag chat: ask about the indexed documents. /reset clears the conversation; /quit, /exit, Ctrl-D leave.")
     while True:

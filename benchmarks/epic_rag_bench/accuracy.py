@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import EpicEngine
-from ..offline import DEFAULT_MODEL
-from ..policies import parse_policy
-from ..store import STORAGE_DTYPES
-from .agreement import ReferenceCache, against_reference, greedy_decode
+from epic_rag.agreement import ReferenceCache, against_reference, greedy_decode
+from epic_rag.engine import EpicEngine
+from epic_rag.offline import DEFAULT_MODEL
+from epic_rag.policies import parse_policy
+from epic_rag.store import STORAGE_DTYPES
+
 from .records import CHUNKINGS, Record, fit_chunks, longbench_records, make_chunker
 from .scoring import best_over_golds, contains_answer, exact_match, rouge_l, token_f1
 

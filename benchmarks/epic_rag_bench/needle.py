@@ -10,7 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..policies import parse_policy
+from epic_rag.policies import parse_policy
+
 from .accuracy import add_common_arguments, context_budget, format_table, load_engine, run_records
 from .data import default_data_dir
 from .records import NEEDLE, NEEDLE_QUESTION, fit_chunks, needle_records

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..engine import EpicEngine
-from ..offline import DEFAULT_MODEL
-from ..policies import AttnLink, parse_policy
+from epic_rag.engine import EpicEngine
+from epic_rag.offline import DEFAULT_MODEL
+from epic_rag.policies import AttnLink, parse_policy
+
 from .data import essay_chunks
 
 QUESTION = (

@@ -1,0 +1,1 @@
+"""The RAG application: documents, index folders and their manifest, chat, and the `epic-rag` commands over them."""
