@@ -49,7 +49,7 @@ _EXPORTS = {
     "StoreStats": "store",
     "TieredStore": "store",
     "TokenStream": "results",
-    "UnknownChunkError": "prompt",
+    "UnknownChunkError": "store.registry",
     "UnsupportedModelError": "model",
     "check_supported": "model",
     "fingerprint": "model",
@@ -96,8 +96,8 @@ if TYPE_CHECKING:
         Rescaled,
         parse_policy,
     )
-    from .prompt import UnknownChunkError
     from .rescale import AttentionRescale
     from .results import Generation, PrefillResult, PrefillStats, TokenStream
     from .sampling import SamplingParams
     from .store import DiskBackend, KVBackend, KVStore, MemoryBackend, StoreStats, TieredStore
+    from .store.registry import UnknownChunkError

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .results import Generation, PrefillResult, TokenStream
 from .sampling import SamplingParams, TextAssembler, choose_token
 
 Extend = Callable[[int], torch.Tensor]  # token id -> [vocab] next-token logits after it
@@ -72,3 +73,25 @@ class Decoding:
         if tail:
             yield tail
         self.decode_s = time.perf_counter() - start
+
+
+def stream_answer(
+    prefill: Callable[[], PrefillResult],
+    extend: Callable[[PrefillResult, list[int]], torch.Tensor],
+    tokenizer,
+    stop_token_ids: set[int],
+    params: SamplingParams,
+) -> TokenStream:
+    """A TokenStream of one answer: `prefill()` runs on the first `next`, then one `extend` per
+    token ([n, vocab] logits after the given ids); `.result` is the Generation at the end."""
+    box: list[Generation] = []
+
+    def deltas() -> Iterator[str]:
+        pre = prefill()
+        decoding = Decoding(pre.logits, lambda token: extend(pre, [token])[-1], tokenizer, stop_token_ids, params)
+        yield from decoding
+        pre.stats.first_decode_s = decoding.first_token_s
+        pre.stats.ttft_s += decoding.first_token_s
+        box.append(Generation(decoding.text, decoding.ids, decoding.finish_reason, pre.stats, decoding.decode_s))
+
+    return TokenStream(deltas(), box)

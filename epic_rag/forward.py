@@ -9,7 +9,6 @@ where a policy looks inside the model.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cache import PositionalKVCache
-from .rescale import attention_rescaled
+from .rescale import ATTENTION_NAME
 
 
 @dataclass
@@ -61,7 +60,7 @@ def attention_mask(model: nn.Module, positions: torch.Tensor, length: int) -> to
     or the whole sequence under SDPA)."""
     n = positions.numel()
     at_end = int(positions[-1]) == length - 1 and int(positions[0]) == length - n
-    if at_end and (n == 1 or (n == length and model.config._attn_implementation == "sdpa")):
+    if at_end and (n == 1 or (n == length and model.config._attn_implementation in ("sdpa", ATTENTION_NAME))):
         return None
     device, dtype = model.device, model.dtype
     allowed = torch.arange(length, device=device)[None, :] <= positions.to(device)[:, None]
@@ -92,27 +91,31 @@ def run_layers(
     mask = attention_mask(model, positions, length)
     rescaling = cache.rescale is not None and bool(cache.linked[:, :length].any())
     extra = {"epic_rescale": (cache.rescale, cache.linked)} if rescaling else {}
-    with attention_rescaled(model) if rescaling else nullcontext():
-        layers = tqdm(inner.layers, desc=f"prefill of {positions.numel()} tokens", unit="layer", disable=not progress)
-        for i, layer in enumerate(layers):
-            hooked = hook is not None and i in hook.layers
-            if hooked:
-                hook.before(LayerState(i, layer, hidden, positions, cos, sin, cache, length))
-            hidden = layer(
-                hidden, attention_mask=mask, position_ids=pos, cache=cache, position_embeddings=(cos, sin), **extra
-            )
-            if not hooked:
-                continue
-            keep = hook.after(LayerState(i, layer, hidden, positions, cos, sin, cache, length))
-            if keep is None:
-                continue
-            positions = positions[keep]
-            if positions.numel() == 0:
-                return ForwardOutput(None, positions)
-            keep = keep.to(device)
-            hidden, pos, cos, sin = hidden[:, keep], pos[:, keep], cos[:, keep], sin[:, keep]
-            mask = attention_mask(model, positions, length)
-            cache.begin(positions, length)
+    if rescaling and model.config._attn_implementation != ATTENTION_NAME:
+        raise ValueError(
+            f"APE rescaling (+ape) needs the model loaded with sdpa attention, not "
+            f"{model.config._attn_implementation!r}; pick a policy without +ape"
+        )
+    layers = tqdm(inner.layers, desc=f"prefill of {positions.numel()} tokens", unit="layer", disable=not progress)
+    for i, layer in enumerate(layers):
+        hooked = hook is not None and i in hook.layers
+        if hooked:
+            hook.before(LayerState(i, layer, hidden, positions, cos, sin, cache, length))
+        hidden = layer(
+            hidden, attention_mask=mask, position_ids=pos, cache=cache, position_embeddings=(cos, sin), **extra
+        )
+        if not hooked:
+            continue
+        keep = hook.after(LayerState(i, layer, hidden, positions, cos, sin, cache, length))
+        if keep is None:
+            continue
+        positions = positions[keep]
+        if positions.numel() == 0:
+            return ForwardOutput(None, positions)
+        keep = keep.to(device)
+        hidden, pos, cos, sin = hidden[:, keep], pos[:, keep], cos[:, keep], sin[:, keep]
+        mask = attention_mask(model, positions, length)
+        cache.begin(positions, length)
     if logits is None:
         return ForwardOutput(None, positions)
     out = model.lm_head(inner.norm(hidden if logits == "all" else hidden[:, -1:]))[0].float().cpu()

@@ -9,18 +9,19 @@ token's attention into the linked keys (context, c) and all others (o) and mixes
     out = w_c·p_c·V_c + w_o·p_o·V_o,  (w_c, w_o) = softmax(S·T·lse_c, lse_o)
 
 computed here as one softmax whose context logits are q·K_cᵀ/(√d·T) + (S·T − 1)·lse_c.
-T = S = 1 leaves attention unchanged. Which slots are linked is tracked per layer by the
+T = S = 1 leaves attention unchanged. The engine installs this function once, at load
+(`install_rescaled_attention`); without rescaling it is SDPA. Which slots are linked is tracked per layer by the
 positional cache (a recomputed slot holds fresh K/V and is no longer context).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "epic_rescaled"
 
@@ -93,15 +94,20 @@ def rescaled_attention(
 
 
 AttentionInterface.register(ATTENTION_NAME, rescaled_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # plain calls are SDPA: so are their masks
 
 
-@contextmanager
-def attention_rescaled(model: torch.nn.Module):
-    """Route the model's attention through `rescaled_attention` for the duration."""
+def install_rescaled_attention(model: torch.nn.Module) -> bool:
+    """Route the model's attention through `rescaled_attention` for good, once, at load.
+
+    A call without `epic_rescale` is plain SDPA, so only linked-key rescaling (APE) changes
+    anything; no per-call switch of the shared config, which would race between threads.
+    Only over SDPA: a model loaded with another implementation keeps it (eager returns attention
+    weights, flash attention has its own kernels) and cannot run +ape policies; returns False."""
     config = model.config
-    previous = config._attn_implementation
+    if config._attn_implementation == ATTENTION_NAME:
+        return True
+    if config._attn_implementation != "sdpa":
+        return False
     config._attn_implementation = ATTENTION_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+    return True

@@ -76,6 +76,12 @@ class TokenStream:
         if close is not None:
             close()
 
+    def finish(self) -> Generation:
+        """Generate to the end and return the Generation."""
+        for _ in self._deltas:
+            pass
+        return self.result
+
     @property
     def result(self) -> Generation:
         if not self._box:

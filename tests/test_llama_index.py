@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from epic_rag.integrations.llama_index import EpicLLM, current_handoff, last_call
 from epic_rag.app.index import build_index, open_index
-from epic_rag.integrations.llama_index.handoff import KV_KEY, Handoff, llm_text, set_handoff
 from epic_rag.app.prompts import NOT_IN_DOCUMENTS
+from epic_rag.integrations.llama_index import EpicLLM, current_handoff, last_call
+from epic_rag.integrations.llama_index.handoff import KV_KEY, Handoff, llm_text, set_handoff
 from llama_index.core.schema import MetadataMode
 
 from epic_rag import EpicEngine, KVStore
@@ -28,7 +28,7 @@ def index_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(index_dir):
-    engine = EpicEngine.from_pretrained("smollm2-135m-instruct", store_dir=index_dir / "kv")
+    engine = EpicEngine.from_pretrained("smollm2-135m-instruct", store=KVStore(index_dir / "kv"))
     built = build_index(SAMPLES, index_dir, model="smollm2-135m-instruct", engine=engine, show_progress=False)
     built.llm.max_new_tokens = 24
     return built

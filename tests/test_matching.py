@@ -1,4 +1,5 @@
-"""Finding handed chunks in a prompt, and the postprocessor's order and keys (tiny model, no LlamaIndex run)."""
+"""Finding handed chunks in a prompt with SmolLM2's real tokenizer (whose merges across a chunk's
+end are what matching handles), and the postprocessor's order and keys (tiny model, no LlamaIndex run)."""
 
 from __future__ import annotations
 
@@ -6,70 +7,111 @@ import pytest
 import torch
 from epic_rag.integrations.llama_index import EpicKVPostprocessor, current_handoff
 from epic_rag.integrations.llama_index.handoff import KV_KEY, set_handoff
-from epic_rag.integrations.llama_index.matching import plan_layout
+from epic_rag.integrations.llama_index.matching import Plan, plan_layout
 from epic_rag.integrations.llama_index.precompute import EpicKVPrecompute
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, RelatedNodeInfo, TextNode
 
-from epic_rag.layout import Kind
+from epic_rag import EpicEngine
+from epic_rag.layout import Kind, Segment
+from epic_rag.model import load_tokenizer
 
-from .conftest import tiny_engine
+from .conftest import SMOLLM2, tiny_engine, tiny_model
 
 CHUNKS = [
     "Rivers run to the sea and carry sand with them all the way down.",
-    "Mountains rise slowly, pushed up by plates that collide for ages, and wear down again in wind and rain.",
-    "Lakes freeze from the top, so fish live on below the ice all winter.",
+    'The guide shouted "Mountains rise slowly, pushed up by plates that collide for ages!',
+    "Lakes freeze from the top, so fish live on below the ice all winter",
 ]
+TAIL = "---\nQuestion: what freezes?\nAnswer: "
 
 
-def prompt_of(*parts: str) -> str:
-    return "Context:\n" + "".join(parts) + "---\nQuestion: what freezes?\nAnswer: "
+@pytest.fixture(scope="module")
+def tokenizer():
+    """SmolLM2's own tokenizer (offline, no weights)."""
+    return load_tokenizer(SMOLLM2)
 
 
-def chunk_segments(plan):
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def engine(model, tokenizer) -> EpicEngine:
+    """A tiny random model over the real tokenizer, with an empty store."""
+    return EpicEngine(model, tokenizer)
+
+
+def chunk_segments(plan: Plan) -> list[Segment]:
     return [s for s in plan.layout.segments if s.kind is Kind.CHUNK]
 
 
-def test_whole_chunks_are_linked_with_their_keys():
-    engine = tiny_engine(bos=False)
-    prompt = prompt_of(*(c + "\n\n" for c in CHUNKS))
+def pieces(engine: EpicEngine, ids: torch.Tensor) -> list[str]:
+    return [engine.tokenizer.decode([i]) for i in ids.tolist()]
+
+
+def test_merges_across_a_chunks_end_link_all_but_the_merged_tokens(engine):
+    # "\n\n" before text splits in two "\n" tokens; '!' and '"' merge into '!"'; "." after "winter"
+    prompt = "Context:\n" + CHUNKS[0] + "\n\n" + CHUNKS[1] + '"\n' + CHUNKS[2] + ".\n" + TAIL
     plan = plan_layout(engine, prompt, CHUNKS, add_special_tokens=False)
     assert (plan.chunks_handed, plan.chunks_matched) == (3, 3)
-    for seg, text in zip(chunk_segments(plan), CHUNKS, strict=True):
-        ids = engine.chunk_token_ids(text)
-        assert torch.equal(seg.token_ids, ids) and seg.key == engine.key_of(ids)
     assert torch.equal(plan.layout.ids, engine.tokenize(prompt))  # exactly the prompt's own tokens
+    entries = [engine.chunk_token_ids(c) for c in CHUNKS]
+    assert [pieces(engine, e[-2:]) for e in entries] == [[".", "\n\n"], ["!", "\n\n"], [" winter", "\n\n"]]
+    kept = [len(entries[0]) - 1, len(entries[1]) - 2, len(entries[2]) - 1]  # '!' went into the prompt's '!"'
+    segments = chunk_segments(plan)
+    for seg, entry, n in zip(segments, entries, kept, strict=True):
+        assert torch.equal(seg.token_ids, entry[:n]) and torch.equal(seg.source_ids, entry)
+        assert seg.key == engine.key_of(entry)  # the whole entry is what the store holds
+    assert [engine.tokenizer.decode(s.token_ids) for s in segments] == [CHUNKS[0], CHUNKS[1][:-1], CHUNKS[2]]
+    between = [pieces(engine, s.token_ids) for s in plan.layout.segments if s.kind is not Kind.CHUNK]
+    rest = pieces(engine, engine.tokenize(".\n" + TAIL))
+    assert between == [["Context", ":", "\n"], ["\n", "\n"], ['!"', "\n"], rest] and rest[:2] == [".", "\n"]
 
 
-def test_a_truncated_chunk_links_its_leading_part():
-    engine = tiny_engine(bos=False)
-    cut = CHUNKS[1][:80]  # more than the 64 characters that locate a truncated chunk
-    plan = plan_layout(engine, prompt_of(CHUNKS[0] + "\n\n", cut + "\n"), CHUNKS[:2], add_special_tokens=False)
+def test_a_truncated_chunk_links_its_leading_part(engine):
+    cut = CHUNKS[1][: CHUNKS[1].index("ages") + 1]  # the synthesizer cut inside a word: "... for a"
+    prompt = "Context:\n" + CHUNKS[0] + "\n\n" + cut + "\n" + TAIL
+    plan = plan_layout(engine, prompt, CHUNKS[:2], add_special_tokens=False)
     assert plan.chunks_matched == 2
     seg = chunk_segments(plan)[1]
     entry = engine.chunk_token_ids(CHUNKS[1])
-    assert torch.equal(seg.token_ids, entry[:80]) and torch.equal(seg.source_ids, entry)
+    assert (
+        engine.tokenizer.decode(seg.token_ids)
+        == 'The guide shouted "Mountains rise slowly, pushed up by plates that collide for'
+    )
+    assert torch.equal(seg.token_ids, entry[: seg.token_ids.numel()]) and torch.equal(seg.source_ids, entry)
+    assert pieces(engine, plan.layout.ids[seg.end : seg.end + 2]) == [" a", "\n"]  # the cut word is computed
     assert seg.key == engine.key_of(entry)
     result = engine.prefill(plan.layout, "reuse")  # the missing entry is compiled whole, then its head linked
-    assert result.stats.store_misses == 3 and engine.store.get(seg.key) is not None
+    assert result.stats.store_misses == 3  # the prompt head and both chunks
+    assert torch.equal(engine.store.get(seg.key).token_ids, entry)
 
 
-def test_a_chunk_not_in_the_prompt_is_unmatched_not_guessed():
-    engine = tiny_engine(bos=False)
+def test_a_short_remnant_of_a_chunk_is_not_linked(engine):
+    cut = CHUNKS[1][:60]  # fewer than the 64 characters that locate a truncated chunk
+    prompt = "Context:\n" + CHUNKS[0] + "\n\n" + cut + "\n" + TAIL
+    plan = plan_layout(engine, prompt, CHUNKS[:2], add_special_tokens=False)
+    assert [s.key for s in chunk_segments(plan)] == [engine.key_of(engine.chunk_token_ids(CHUNKS[0]))]
+    assert engine.tokenizer.decode(plan.layout.segments[-1].token_ids) == "\n\n" + cut + "\n" + TAIL
+
+
+def test_a_chunk_not_in_the_prompt_is_unmatched_not_guessed(engine):
     other = "A chunk the synthesizer dropped, which the prompt does not hold at all."
-    plan = plan_layout(engine, prompt_of(CHUNKS[0] + "\n\n", CHUNKS[2] + "\n\n"), [CHUNKS[0], other, CHUNKS[2]], False)
+    prompt = "Context:\n" + CHUNKS[0] + "\n\n" + CHUNKS[2] + "\n\n" + TAIL
+    plan = plan_layout(engine, prompt, [CHUNKS[0], other, CHUNKS[2]], False)
     assert (plan.chunks_handed, plan.chunks_matched) == (3, 2)
     assert [s.key for s in chunk_segments(plan)] == [engine.key_of(engine.chunk_token_ids(c)) for c in CHUNKS[::2]]
 
 
-def test_keys_from_node_metadata_are_used_without_tokenizing_again():
-    engine = tiny_engine(bos=False)
+def test_a_key_noted_in_this_process_is_trusted_without_tokenizing(engine):
     [chunk_id] = engine.add_chunks([CHUNKS[0]])
     key = chunk_id.removeprefix("kv:")
-    calls = []
-    tokenize = engine.prompt.tokenize
-    engine.prompt.tokenize = lambda text: calls.append(text) or tokenize(text)
-    ids, found = engine.prompt.known_chunk(CHUNKS[0], key)
-    assert found == key and calls == [] and torch.equal(ids, engine.chunk_token_ids(CHUNKS[0]))
+    # the ids noted under the key come back even for a text that tokenizes otherwise: it was not tokenized
+    ids, found = engine.known_chunk(CHUNKS[2], key)
+    assert found == key and torch.equal(ids, engine.chunk_token_ids(CHUNKS[0]))
+    ids, found = engine.known_chunk(CHUNKS[2])  # no key: tokenized, under its own key
+    assert torch.equal(ids, engine.chunk_token_ids(CHUNKS[2])) and found == engine.key_of(ids)
 
 
 def nodes() -> list[NodeWithScore]:
@@ -106,5 +148,6 @@ def test_precompute_records_hidden_keys():
     for node, text in zip(batch, texts, strict=True):
         assert node.get_content(metadata_mode=MetadataMode.LLM) == text  # the key does not reach the prompt
         assert KV_KEY not in node.get_content(metadata_mode=MetadataMode.EMBED)
-        assert engine.store.get(node.metadata[KV_KEY]) is not None
-        assert node.metadata[KV_KEY] == engine.key_of(engine.chunk_token_ids(text))
+        ids = engine.chunk_token_ids(text)
+        assert node.metadata[KV_KEY] == engine.key_of(ids)
+        assert torch.equal(engine.store.get(node.metadata[KV_KEY]).token_ids, ids)

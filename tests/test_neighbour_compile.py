@@ -89,6 +89,6 @@ def test_the_indexing_hook_compiles_after_the_previous_node_and_a_new_process_fi
     later = tiny_engine("qwen2", store=store)  # another process: nothing remembered, same store
     found_ids, key = later.known_chunk(SECOND, second.metadata[KV_KEY])
     assert key == second.metadata[KV_KEY] and torch.equal(found_ids, ids[1])
-    assert torch.equal(later.prompt.context_of(key), ids[0])  # a lost entry would be compiled the same way
+    assert torch.equal(later.chunks.context_of(key), ids[0])  # a lost entry would be compiled the same way
     fresh = tiny_engine("qwen2", store=store)  # a key whose entry holds other tokens is not taken
     assert fresh.known_chunk("Unrelated words.", second.metadata[KV_KEY])[1] == engine.key_of(ids[2])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from epic_rag import AttentionRescale, AttnLink, CacheBlend, FullRecompute, Rescaled, parse_policy
-from epic_rag.rescale import rescaled_attention
+from epic_rag.rescale import ATTENTION_NAME, rescaled_attention
 
 from .conftest import tiny_engine
 
@@ -75,7 +75,7 @@ def test_rescaling_leaves_full_recompute_and_the_store_alone():
     engine.generate(QUESTION, ids, policy="cacheblend:0.3+ape:0.8:0.9", max_new_tokens=4)
     for i, keys in before.items():
         assert torch.equal(engine.store.get(i.removeprefix("kv:")).keys, keys)
-    assert engine.model.config._attn_implementation == "sdpa"  # restored after each pass
+    assert engine.model.config._attn_implementation == ATTENTION_NAME  # installed once at load, never toggled
 
 
 @pytest.mark.parametrize("inner", [AttnLink(3), CacheBlend(0.3)])

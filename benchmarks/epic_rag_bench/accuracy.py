@@ -26,7 +26,7 @@ from epic_rag.agreement import ReferenceCache, against_reference, greedy_decode
 from epic_rag.engine import EpicEngine
 from epic_rag.offline import DEFAULT_MODEL
 from epic_rag.policies import parse_policy
-from epic_rag.store import STORAGE_DTYPES
+from epic_rag.store import STORAGE_DTYPES, KVStore
 
 from .records import CHUNKINGS, Record, fit_chunks, longbench_records, make_chunker
 from .scoring import best_over_golds, contains_answer, exact_match, rouge_l, token_f1
@@ -256,7 +256,9 @@ def machine() -> str:
 
 def load_engine(args: argparse.Namespace) -> EpicEngine:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    return EpicEngine.from_pretrained(args.model, dtype=dtype, device=args.device, store_dtype=args.store_dtype)
+    return EpicEngine.from_pretrained(
+        args.model, store=KVStore(dtype=args.store_dtype), dtype=dtype, device=args.device
+    )
 
 
 def parse_methods(text: str) -> list[str]:

@@ -30,7 +30,7 @@ from epic_rag.engine import EpicEngine
 from epic_rag.store import STORAGE_DTYPES, KVStore, redact
 
 from .accuracy import machine
-from .data import essay_chunks
+from .data import DATA_ENV, essay_chunks, essay_folder
 from .records import fit_chunks
 from .ttft import QUESTION
 
@@ -57,9 +57,9 @@ def run_cell(cell: dict) -> dict:
     """One (size, method, source) cell, in this process: median TTFT and peak RSS."""
     torch.set_num_threads(cell["threads"])
     if cell["source"] == "redis":  # memory over Redis only: no disk tier to hide it
-        engine = EpicEngine.from_pretrained(cell["model"], kv_url=cell["kv_url"], require_kv_url=True)
+        engine = EpicEngine.from_pretrained(cell["model"], store=KVStore(kv_url=cell["kv_url"], require_kv_url=True))
     else:
-        engine = EpicEngine.from_pretrained(cell["model"], store_dir=cell["store"])
+        engine = EpicEngine.from_pretrained(cell["model"], store=KVStore(cell["store"]))
     ids = engine.add_chunks(cell["chunks"], progress=False)  # all hits: they were compiled by the parent
     engine.store.clear_memory()
     layout = engine.layout(QUESTION, ids)
@@ -164,11 +164,13 @@ def _chunks_that_fit(engine: EpicEngine, chunks: list[str]) -> int:
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    essays = essay_folder(args.essays)  # before the model loads: a missing folder fails at once
     store_dir = tempfile.mkdtemp(prefix="epic-scaling-")
-    engine = EpicEngine.from_pretrained(args.model, store_dir=store_dir, kv_url=args.kv_url, require_kv_url=True)
+    store = KVStore(store_dir, kv_url=args.kv_url, require_kv_url=True)  # a bad URL fails before the model loads
+    engine = EpicEngine.from_pretrained(args.model, store=store)
     limit = min(args.max_tokens, engine.max_context)
     sizes = [s for s in args.sizes if s <= limit]
-    chunks = essay_chunks(engine, max(sizes) // args.chunk_tokens, args.chunk_tokens, args.essays)
+    chunks = essay_chunks(engine, max(sizes) // args.chunk_tokens, args.chunk_tokens, essays)
     chunks = chunks[: _chunks_that_fit(engine, chunks)]  # the largest size is the model's limit
     tokens = sum(engine.chunk_token_ids(c).numel() for c in chunks)
     start = time.perf_counter()
@@ -261,7 +263,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=8192, help="largest context measured (CPU time cap)")
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--essays", type=Path, default=None, help="folder of .txt essays (default: shared haystack)")
+    parser.add_argument(
+        "--essays", type=Path, default=None, help=f"folder of .txt essays (default: ${DATA_ENV}/haystack)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-scaling"))
     parser.set_defaults(func=main)
 

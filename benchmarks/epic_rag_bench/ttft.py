@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from epic_rag.engine import EpicEngine
 from epic_rag.offline import DEFAULT_MODEL
 from epic_rag.policies import AttnLink, parse_policy
+from epic_rag.store import KVStore
 
-from .data import essay_chunks
+from .data import DATA_ENV, essay_chunks, essay_folder
 
 QUESTION = (
     "Based only on the essays above, which essay argues most directly about how people should choose "
@@ -53,10 +54,11 @@ def hf_floor_seconds(engine: EpicEngine, ids: torch.Tensor, new_tokens: int, rep
 
 def run(args: argparse.Namespace) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    essays = essay_folder(args.essays)  # before the model loads: a missing folder fails at once
     store_dir = tempfile.mkdtemp(prefix="epic-bench-") if args.from_disk else None
-    engine = EpicEngine.from_pretrained(args.model, dtype=dtype, device=args.device, store_dir=store_dir)
+    engine = EpicEngine.from_pretrained(args.model, store=KVStore(store_dir), dtype=dtype, device=args.device)
     counts = sorted(args.chunks)
-    chunks = essay_chunks(engine, max(counts), args.chunk_tokens, args.essays)
+    chunks = essay_chunks(engine, max(counts), args.chunk_tokens, essays)
     chunk_ids = engine.add_chunks(chunks, progress=True)
     engine.layout(QUESTION, chunks[:1])  # warm the tokenizer and template
     policies = [parse_policy(m) for m in args.methods]
@@ -145,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--from-disk", action="store_true", help="serve chunk KV from a disk store, memory tier cleared per run"
     )
     parser.add_argument(
-        "--essays", type=Path, default=None, help="folder of .txt essays (default: shared data haystack)"
+        "--essays", type=Path, default=None, help=f"folder of .txt essays (default: ${DATA_ENV}/haystack)"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     parser.set_defaults(func=main)

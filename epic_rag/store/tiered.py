@@ -4,11 +4,13 @@ Reads go top-down and a hit in a lower tier is copied into every tier above it, 
 the next read of that entry is served by the fastest tier. Writes go to every tier,
 slowest first, so an entry is durable before it is fast. The store is bound to one
 model fingerprint: keys are computed with it, and an entry made by another model is
-a miss wherever it is found (and left there for its own model).
+a miss wherever it is found (and left there for its own model). Safe under concurrent
+callers: each tier guards its own state and the store's counters have a lock.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -55,6 +57,7 @@ class TieredStore:
         self._hits = 0
         self._misses = 0
         self._hits_by_tier = dict.fromkeys((b.name for b in self._backends), 0)
+        self._counters = threading.Lock()
         if fingerprint is not None:
             self.bind(fingerprint)
 
@@ -92,10 +95,12 @@ class TieredStore:
             entry = found[0]
             for upper in self._backends[:depth]:
                 upper.put(key, entry, fingerprint)
-            self._hits += 1
-            self._hits_by_tier[backend.name] += 1
+            with self._counters:
+                self._hits += 1
+                self._hits_by_tier[backend.name] += 1
             return entry
-        self._misses += 1
+        with self._counters:
+            self._misses += 1
         return None
 
     def put(self, entry: ChunkKV) -> str:
@@ -160,7 +165,8 @@ class TieredStore:
 
     def hits_by_tier(self) -> dict[str, int]:
         """Tier name -> store hits that tier served (cheap: no tier is asked for its usage)."""
-        return dict(self._hits_by_tier)
+        with self._counters:
+            return dict(self._hits_by_tier)
 
     def _bound(self) -> str:
         if self._fingerprint is None:

@@ -9,14 +9,10 @@ and appends the stats of every call it makes for the query.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from llama_index.core.schema import BaseNode, MetadataMode
-
-from epic_rag import EpicEngine
 
 
 @dataclass
@@ -73,8 +69,6 @@ class Handoff:
 KV_KEY = "epic_rag_kv_key"  # node metadata: the store key of the node's chunk KV (hidden from LLM and embedder)
 
 _current: ContextVar[Handoff | None] = ContextVar("epic_rag_handoff", default=None)
-_locks: weakref.WeakKeyDictionary[EpicEngine, threading.Lock] = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
 
 
 def current_handoff() -> Handoff | None:
@@ -84,15 +78,6 @@ def current_handoff() -> Handoff | None:
 
 def set_handoff(handoff: Handoff | None) -> None:
     _current.set(handoff)
-
-
-def engine_lock(engine: EpicEngine) -> threading.Lock:
-    """One lock per engine: its KV store and model run one query at a time."""
-    with _locks_guard:
-        lock = _locks.get(engine)
-        if lock is None:
-            lock = _locks[engine] = threading.Lock()
-        return lock
 
 
 def node_key(node: BaseNode) -> str | None:

@@ -28,9 +28,9 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from epic_rag import DEFAULT_POLICY, EpicEngine, Generation, RecomputePolicy, parse_policy
+from epic_rag import DEFAULT_POLICY, EpicEngine, Generation, KVStore, RecomputePolicy, parse_policy
 
-from .handoff import CallReport, Handoff, current_handoff, engine_lock
+from .handoff import CallReport, Handoff, current_handoff
 from .matching import plan_layout
 
 _last_call: ContextVar[CallReport | None] = ContextVar("epic_rag_last_call", default=None)
@@ -70,7 +70,7 @@ class EpicLLM(CustomLLM):
     @classmethod
     def from_pretrained(cls, model: str, store_dir: str | None = None, **kwargs: Any) -> EpicLLM:
         """Load the model (built-in offline name, folder, .gguf or hub id) with a KV store folder."""
-        return cls(EpicEngine.from_pretrained(model, store_dir=store_dir), model_name=model, **kwargs)
+        return cls(EpicEngine.from_pretrained(model, store=KVStore(store_dir)), model_name=model, **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -123,19 +123,18 @@ class EpicLLM(CustomLLM):
             "seed": kwargs.get("seed", self.seed),
             "stop": kwargs.get("stop") or (),
         }
-        with engine_lock(engine):
-            chunks, keys, query = (handoff.chunks, handoff.keys, handoff.query) if handoff else ([], [], None)
-            plan = plan_layout(engine, prompt, chunks, add_special_tokens, query, keys)
-            policy = parse_policy(kwargs["policy"]) if "policy" in kwargs else self._policy
-            stream = engine.stream_layout(plan.layout, policy, **sampling)
-            cancelled = False
-            for delta in stream:
-                if self._cancel is not None and self._cancel.is_set():
-                    cancelled = True
-                    stream.close()
-                    break
-                yield delta
-            result = stream.result if not cancelled else None
+        chunks, keys, query = (handoff.chunks, handoff.keys, handoff.query) if handoff else ([], [], None)
+        plan = plan_layout(engine, prompt, chunks, add_special_tokens, query, keys)
+        policy = parse_policy(kwargs["policy"]) if "policy" in kwargs else self._policy
+        stream = engine.stream_layout(plan.layout, policy, **sampling)  # the engine locks each step, not the stream
+        cancelled = False
+        for delta in stream:
+            if self._cancel is not None and self._cancel.is_set():
+                cancelled = True
+                stream.close()
+                break
+            yield delta
+        result = stream.result if not cancelled else None
         if result is None:
             return  # stopped by its caller: the stream never finished, nothing to report
         s = result.stats

@@ -18,7 +18,7 @@ from llama_index.core.schema import BaseNode, TransformComponent
 
 from epic_rag import EpicEngine
 
-from .handoff import KV_KEY, engine_lock, llm_text
+from .handoff import KV_KEY, llm_text
 
 
 class EpicKVPrecompute(TransformComponent):
@@ -46,10 +46,9 @@ class EpicKVPrecompute(TransformComponent):
                     hidden.append(KV_KEY)
         keyed = [(n, t) for n, t in ((n, llm_text(n)) for n in nodes) if t]
         after = self._predecessors(keyed) if self.neighbour_context else None
-        with engine_lock(self._engine):
-            chunk_ids = self._engine.add_chunks(
-                [t for _, t in keyed], progress=self.show_progress and bool(keyed), after=after
-            )
+        chunk_ids = self._engine.add_chunks(
+            [t for _, t in keyed], progress=self.show_progress and bool(keyed), after=after
+        )
         for (node, _), chunk_id in zip(keyed, chunk_ids, strict=True):
             node.metadata[KV_KEY] = chunk_id.removeprefix("kv:")
         return nodes

@@ -1,0 +1,88 @@
+"""Selective prefill: load the cached segments, link them, recompute what the policy selects.
+
+Three timed steps over one prompt layout: fetch the stored KV of every segment the policy
+does not fully recompute (a miss is compiled on the spot and counted), link it into the
+positional cache with keys re-rotated to their global positions, then let the policy
+refine its choice (probes) and run the chosen positions through every layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .cache import PositionalKVCache
+from .forward import LayerHook, run_layers
+from .kv import ChunkKV
+from .layout import COMPUTED, PromptLayout, Segment
+from .policies import Probe, RecomputePolicy
+from .results import PrefillResult, PrefillStats
+
+FetchSegment = Callable[[Segment], tuple[ChunkKV, bool]]  # segment -> (its stored KV, was it a store hit)
+
+
+def load_segments(
+    layout: PromptLayout, skip: torch.Tensor, fetch: FetchSegment, stats: PrefillStats
+) -> list[tuple[Segment, ChunkKV]]:
+    """The stored KV of every cached segment not wholly in `skip` ([N] bool), counted and timed."""
+    start, linked = time.perf_counter(), []
+    for seg in layout.segments:
+        if seg.kind in COMPUTED or skip[seg.start : seg.end].all():
+            continue
+        t0 = time.perf_counter()
+        entry, hit = fetch(seg)
+        linked.append((seg, entry))
+        stats.store_hits += hit
+        stats.store_misses += not hit
+        stats.compile_s += 0.0 if hit else time.perf_counter() - t0
+    stats.kv_load_s = time.perf_counter() - start - stats.compile_s
+    return linked
+
+
+@torch.inference_mode()
+def selective_prefill(
+    model: nn.Module,
+    layout: PromptLayout,
+    policy: RecomputePolicy,
+    cache: PositionalKVCache,
+    fetch: FetchSegment,
+    inv_freq: torch.Tensor,
+    progress_tokens: int | None = None,
+) -> PrefillResult:
+    """Prefill `layout` into the empty `cache` under `policy`; the next-token logits and stats.
+
+    A prefill computing `progress_tokens` tokens or more shows a bar over the layers."""
+    stats = PrefillStats(policy=policy.spec, tokens_total=layout.length, chunks=len(layout.chunks))
+    start = time.perf_counter()
+    positions = policy.select(layout)
+    hook = policy.layer_hook(layout)
+    skip = torch.zeros(layout.length, dtype=torch.bool)
+    if hook is None:  # a hook may narrow to any position: then every segment is linked
+        skip[positions] = True
+    linked = load_segments(layout, skip, fetch, stats)
+
+    t0 = time.perf_counter()
+    cache.rescale = policy.rescale
+    for seg, entry in linked:
+        cache.link(entry, seg.start, inv_freq)
+    stats.link_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+
+    def run(chosen: torch.Tensor, **kwargs):
+        return run_layers(model, cache, layout.ids[chosen], chosen, layout.length, **kwargs)
+
+    def probe_run(probed: torch.Tensor, probe_hook: LayerHook) -> None:
+        stats.tokens_probed += probed.numel()
+        run(probed, hook=probe_hook, logits=None)
+
+    positions = policy.refine(layout, positions, Probe(model.config.num_hidden_layers, probe_run))
+    out = run(positions, hook=hook, progress=progress_tokens is not None and positions.numel() >= progress_tokens)
+    stats.recompute_s = time.perf_counter() - t0
+    stats.tokens_recomputed = out.positions.numel()
+    stats.tokens_reused = layout.length - positions.numel()
+    stats.ttft_s = time.perf_counter() - start
+    return PrefillResult(cache, out.logits, stats, out.positions)
