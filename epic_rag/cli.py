@@ -35,13 +35,7 @@ class LazyParser(argparse.ArgumentParser):
 
 
 class MissingExtraError(RuntimeError):
-    """A command needs an optional dependency group that is not installed."""
-
-    def __init__(self, command: str, extra: str, module: str | None) -> None:
-        super().__init__(
-            f"`epic-rag {command}` needs the {extra} extra ({module or 'a module'} is not installed): "
-            f"pip install 'epic-rag[{extra}]'"
-        )
+    """A command needs something that is not installed; the message names the pip command."""
 
 
 def require_extra(command: str, extra: str, *modules: str) -> None:
@@ -50,7 +44,10 @@ def require_extra(command: str, extra: str, *modules: str) -> None:
 
     for module in modules:
         if find_spec(module) is None:
-            raise MissingExtraError(command, extra, module)
+            raise MissingExtraError(
+                f"`epic-rag {command}` needs the {extra} extra ({module} is not installed): "
+                f"pip install 'epic-rag[{extra}]'"
+            )
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -91,9 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epic-rag", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=LazyParser)
     sub.add_parser("info", help="built-in models, model and KV store facts", configure=_configure_info)
-    for entry in entry_points(group="epic_rag.cli"):
+    groups = entry_points(group="epic_rag.cli")
+    for entry in groups:
         entry.load()(sub)
+    if "bench" not in groups.names:
+        sub.add_parser("bench", help="benchmarks (not installed: see `epic-rag bench`)", configure=_configure_no_bench)
     return parser
+
+
+def _configure_no_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_no_bench)
+
+
+def _no_bench(args: argparse.Namespace) -> int:
+    raise MissingExtraError(
+        "the benchmark harnesses ship beside the library, not in it: from a clone of the repository, "
+        "pip install -e ./benchmarks"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,13 @@ class RedisBackend(KVBackend):
         retry_after_s: float = 2.0,
         require: bool = False,
     ) -> None:
-        import redis
+        try:
+            import redis
+        except ImportError:
+            raise KVTierError(
+                "a Redis KV tier needs the redis extra (the redis package is not installed): "
+                "pip install 'epic-rag[redis]'"
+            ) from None
 
         self._redis = redis
         self.url = redact(url)
