@@ -23,6 +23,8 @@ SNIPPET_CHARS = 240
 
 @dataclass
 class ChatRequest:
+    """One question to answer, with what the client asked for (the server builds it from an OpenAI request)."""
+
     question: str
     history: list[ChatMessage] = field(default_factory=list)  # earlier user/assistant turns, oldest first
     system: str | None = None  # the client's own instructions, added after ours
@@ -36,6 +38,8 @@ class ChatRequest:
 
 @dataclass
 class Source:
+    """A retrieved chunk the answer was given: its file, retrieval score and the start of its text."""
+
     file: str
     score: float | None
     snippet: str
@@ -61,6 +65,7 @@ class AnswerReport:
     kv_tier_reads: dict[str, int]  # store lookups each tier answered during this answer (memory, disk, redis)
 
     def extension(self) -> dict[str, Any]:
+        """The `epic_rag` field of a response: every field but the text and finish reason (sent apart)."""
         fields = asdict(self)
         del fields["text"], fields["finish_reason"]
         return fields

@@ -1,5 +1,6 @@
 """`epic-rag serve` as a child process on a free loopback port, for the serving benchmark and the
-tests that talk to a real server: started, waited on until /health answers, stopped."""
+tests that talk to a real server: started, waited on until /health answers, stopped (also when
+it fails to come up or the wait is interrupted; use it as a context manager)."""
 
 from __future__ import annotations
 
@@ -32,12 +33,18 @@ class ServeProcess:
         self.log = log
         command = [sys.executable, "-m", "epic_rag.cli", "serve", "--index", str(index), "--port", str(self.port)]
         output = log.open("w") if log else None
-        self.process = subprocess.Popen(
-            [*command, *args], env={**os.environ, **OFFLINE_ENV}, stdout=output, stderr=subprocess.STDOUT
-        )
-        if output:
-            output.close()  # the child holds its own descriptor
-        self._wait_healthy(wait_s)
+        try:
+            self.process = subprocess.Popen(
+                [*command, *args], env={**os.environ, **OFFLINE_ENV}, stdout=output, stderr=subprocess.STDOUT
+            )
+        finally:
+            if output:
+                output.close()  # the child holds its own descriptor
+        try:
+            self._wait_healthy(wait_s)
+        except BaseException:  # it did not come up, or the wait was interrupted: never leave it running
+            self.stop()
+            raise
 
     def _wait_healthy(self, wait_s: float) -> None:
         deadline = time.monotonic() + wait_s
@@ -49,14 +56,15 @@ class ServeProcess:
                     return
             except httpx.TransportError:
                 time.sleep(0.5)
-        self.stop()
         raise RuntimeError(f"epic-rag serve did not come up in {wait_s:.0f} s{self._log_tail()}")
 
     def _log_tail(self) -> str:
         return f":\n{self.log.read_text()[-4000:]}" if self.log and self.log.exists() else ""
 
     def stop(self) -> None:
-        """Terminate (SIGTERM, then SIGKILL after 30 s) and reap the process."""
+        """Terminate (SIGTERM, then SIGKILL after 30 s) and reap the process; a second call does nothing."""
+        if self.process.poll() is not None:
+            return
         self.process.terminate()
         try:
             self.process.wait(timeout=30)

@@ -1,22 +1,31 @@
-"""The OpenAI chat-completions surface: request checks, error bodies and response objects.
+"""The OpenAI chat-completions schemas as pydantic models: the request, the responses, the errors.
 
-Fields that would change what an answer means but that we do not do (tools, n > 1, logprobs,
-penalties, stop strings, JSON mode) are refused with a 400 naming them, never ignored.
+A request is validated here, field by field: a malformed one becomes a 400 whose OpenAI-style
+error body names the field (`APIError.from_validation`). Fields that would change what an
+answer means but that we do not do (tools, n > 1, logprobs, penalties, stop strings, JSON
+mode) are refused with a 400 naming them, never ignored; fields we do not know are ignored,
+as OpenAI's own server does with ones newer clients add. What needs the loaded model (the
+model id, token limits) is checked by `serving_chat`.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from epic_rag.app.answering import AnswerReport, ChatRequest
-from llama_index.core.base.llms.types import ChatMessage, MessageRole
-
-from epic_rag import parse_policy
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+from pydantic_core import PydanticCustomError
 
 MAX_TOP_K = 32
+ROLES = ("system", "developer", "user", "assistant")
 REFUSED_FIELDS = {
     "tools": "tool calls are not supported",
     "tool_choice": "tool calls are not supported",
@@ -26,6 +35,10 @@ REFUSED_FIELDS = {
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
 }
+UNSUPPORTED = "unsupported_parameter"
+INVALID_POLICY = "invalid_policy"
+_CODES = {UNSUPPORTED, INVALID_POLICY}  # our own validation error types, sent as the error's `code`
+_KINDS = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}
 
 
 class APIError(Exception):
@@ -36,185 +49,259 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.kind = kind or {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
-            status, "invalid_request_error"
-        )
+        self.kind = kind or _KINDS.get(status, "invalid_request_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        """The JSON body of this error."""
+        return ErrorResponse(
+            error=ErrorInfo(message=self.message, type=self.kind, param=self.param, code=self.code)
+        ).model_dump()
+
+    @classmethod
+    def from_validation(cls, err: ValidationError) -> APIError:
+        """A 400 for a request pydantic refused, naming its first wrong field (`messages[2].role`)."""
+        first = err.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            return cls(400, "the body is not valid JSON")
+        if not first["loc"]:
+            return cls(400, "the body must be a JSON object")
+        param = _path(first["loc"])
+        code = first["type"] if first["type"] in _CODES else None
+        return cls(400, f"{param}: {first['msg']}", param=param, code=code)
 
 
-@dataclass
-class Limits:
-    model_id: str
-    max_question_tokens: int
-    window: int  # the model's context length
-    max_tokens: int  # the most answer tokens one request may ask for
+def _path(loc: tuple[str | int, ...]) -> str:
+    """('messages', 2, 'role') -> 'messages[2].role'."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
 
 
-def parse_chat_request(body: Any, limits: Limits, count_tokens) -> tuple[ChatRequest, bool]:
-    """(the request, whether to stream) from a JSON body, or an APIError naming what is wrong."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object")
-    model = body.get("model")
-    if not model:
-        raise APIError(400, "'model' is required", param="model")
-    if model != limits.model_id:
-        raise APIError(
-            404, f"the model {model!r} does not exist; this server has {limits.model_id!r}", "model", "model_not_found"
-        )
-    for name, why in REFUSED_FIELDS.items():
-        if body.get(name) not in (None, [], {}):
-            raise APIError(400, f"{why} by this server: remove {name!r}", param=name, code="unsupported_parameter")
-    _refuse_semantics(body)
-    system, turns = _messages(body.get("messages"))
-    question = turns[-1].content or ""
-    n = count_tokens(question)
-    max_tokens = (
-        _int(body, "max_completion_tokens", None) or _int(body, "max_tokens", None) or min(256, limits.max_tokens)
-    )
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise APIError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}", "max_tokens")
-    if n + max_tokens > limits.window:
-        raise APIError(
-            400,
-            f"the question is {n} tokens and {max_tokens} are asked for the answer; the model's context is "
-            f"{limits.window} tokens: shorten the question or lower max_tokens",
-            "messages",
-            "context_length_exceeded",
-        )
-    if n > limits.max_question_tokens:
-        raise APIError(
-            400,
-            f"the question is {n} tokens, over this server's limit of {limits.max_question_tokens}: shorten it",
-            "messages",
-            "context_length_exceeded",
-        )
-    policy = body.get("policy")
-    if policy is not None:
+class ChatMessageParam(BaseModel):
+    """One message of a request: a role and text (a string, or a list of text parts)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: str
+    content: str
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in ROLES:
+            raise PydanticCustomError("invalid_role", f"role {role!r} is not one of {', '.join(ROLES)}")
+        return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, content: Any) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            return "".join(str(p.get("text", "")) for p in content)
+        raise PydanticCustomError("invalid_content", "must be text (a string or text parts)")
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions: OpenAI's fields, plus `policy` and `top_k` of our own."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    messages: list[ChatMessageParam]
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stream: bool = False
+    policy: str | None = None  # a recompute policy spec for this request (default: the server's)
+    top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)  # chunks to retrieve (default: the server's)
+    # accepted only with the values that change nothing:
+    n: int | None = None
+    stop: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: Any = None
+    # refused whatever their value (an empty list or object aside):
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    audio: Any = None
+    prediction: Any = None
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_a_question(cls, messages: list[ChatMessageParam]) -> list[ChatMessageParam]:
+        if not messages:
+            raise PydanticCustomError("invalid_messages", "must be a non-empty list of {role, content} objects")
+        turns = [m for m in messages if m.role in ("user", "assistant")]
+        if not turns or turns[-1].role != "user" or not turns[-1].content.strip():
+            raise PydanticCustomError("invalid_messages", "the last message must be the user's question, and not empty")
+        return messages
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, policy: str | None) -> str | None:
+        from epic_rag import parse_policy
+
         try:
-            policy = parse_policy(str(policy)).spec
+            return parse_policy(policy).spec if policy is not None else None
         except ValueError as err:
-            raise APIError(400, f"unknown policy: {err}", "policy", "invalid_policy") from None
-    top_k = _int(body, "top_k", None)
-    if top_k is not None and not 1 <= top_k <= MAX_TOP_K:
-        raise APIError(400, f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}", "top_k")
-    temperature = _number(body, "temperature", 0.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be true or false", "stream")
-    request = ChatRequest(
-        question=question,
-        history=turns[:-1],
-        system=system,
-        policy=policy,
-        top_k=top_k,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=_int(body, "seed", None),
-    )
-    return request, stream
+            raise PydanticCustomError(INVALID_POLICY, str(err)) from None
+
+    @field_validator("n")
+    @classmethod
+    def _one_answer(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise PydanticCustomError(UNSUPPORTED, "only n = 1 is supported: ask again for another answer")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _no_stop(cls, stop: Any) -> Any:
+        if stop:
+            raise PydanticCustomError(UNSUPPORTED, "stop sequences are not supported by this server: remove 'stop'")
+        return stop
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value not in (None, 0.0):
+            raise PydanticCustomError(UNSUPPORTED, f"{info.field_name} is not supported: remove it or send 0")
+        return value
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value:
+            raise PydanticCustomError(UNSUPPORTED, "logprobs are not supported by this server")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, fmt: Any) -> Any:
+        if fmt not in (None, {}) and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+            raise PydanticCustomError(UNSUPPORTED, "only the text response format is supported")
+        return fmt
+
+    @field_validator(*REFUSED_FIELDS)
+    @classmethod
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, [], {}):
+            raise PydanticCustomError(UNSUPPORTED, f"{REFUSED_FIELDS[info.field_name]} by this server: remove it")
+        return value
+
+    @property
+    def answer_tokens(self) -> tuple[str, int | None]:
+        """(the field that asks for the answer's length, its value): max_completion_tokens wins."""
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
 
 
-def _refuse_semantics(body: dict) -> None:
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n = 1 is supported: ask again for another answer", "n", "unsupported_parameter")
-    if body.get("stop"):
-        raise APIError(
-            400, "stop sequences are not supported by this server: remove 'stop'", "stop", "unsupported_parameter"
-        )
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported: remove it or send 0", name, "unsupported_parameter")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise APIError(400, "logprobs are not supported by this server", "logprobs", "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt not in (None, {}) and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise APIError(400, "only the text response format is supported", "response_format", "unsupported_parameter")
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
 
 
-def _messages(raw: Any) -> tuple[str | None, list[ChatMessage]]:
-    """(the client's system text, user/assistant turns ending with the user's question)."""
-    if not isinstance(raw, list) or not raw:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    system, turns = [], []
-    for i, message in enumerate(raw):
-        if not isinstance(message, dict) or "role" not in message:
-            raise APIError(400, f"messages[{i}] must be an object with 'role' and 'content'", "messages")
-        role, content = message["role"], _text(message.get("content"), i)
-        if role in ("system", "developer"):
-            system.append(content)
-        elif role in ("user", "assistant"):
-            turns.append(ChatMessage(role=MessageRole(role), content=content))
-        else:
-            raise APIError(400, f"messages[{i}] has role {role!r}; use system, user or assistant", "messages")
-    if not turns or turns[-1].role != MessageRole.USER or not (turns[-1].content or "").strip():
-        raise APIError(400, "the last message must be the user's question, and not empty", "messages")
-    return "\n".join(s for s in system if s.strip()) or None, turns
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
 
 
-def _text(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise APIError(400, f"messages[{i}].content must be text (a string or text parts)", "messages")
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "epic-rag"
 
 
-def _int(body: dict, name: str, default: int | None) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise APIError(400, f"{name!r} must be an integer, got {value!r}", name)
-    return value
+class ModelList(BaseModel):
+    """GET /v1/models: one model, the index this server answers from."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise APIError(400, f"{name!r} must be a number from {low:g} to {high:g}, got {value!r}", name)
-    return float(value)
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
-class Completion:
-    """The response objects of one completion, streamed or whole."""
-
-    def __init__(self, model_id: str) -> None:
-        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_id
-
-    def _base(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._base("chat.completion.chunk"), "choices": [choice]}
-
-    def last_chunk(self, report: AnswerReport) -> dict[str, Any]:
-        return {**self.chunk({}, report.finish_reason), "usage": usage(report), "epic_rag": report.extension()}
-
-    def whole(self, report: AnswerReport) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": report.text},
-            "logprobs": None,
-            "finish_reason": report.finish_reason,
-        }
-        return {
-            **self._base("chat.completion"),
-            "choices": [choice],
-            "usage": usage(report),
-            "epic_rag": report.extension(),
-        }
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
 
 
-def usage(report: AnswerReport) -> dict[str, int]:
-    return {
-        "prompt_tokens": report.tokens_prompt,
-        "completion_tokens": report.tokens_generated,
-        "total_tokens": report.tokens_prompt + report.tokens_generated,
-    }
+class ChatCompletionChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str  # "stop", "length" or "cancelled"
+
+
+class ChatCompletionResponse(BaseModel):
+    """A whole answer; `epic_rag` is our extension (sources, TTFT, tokens reused), which clients ignore."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+    epic_rag: dict[str, Any]
+
+
+class DeltaMessage(BaseModel):
+    """What one streamed chunk adds; fields it does not carry are left out, as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatCompletionStreamChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    """One server-sent event of a streamed answer; only the last carries `usage` and `epic_rag`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+    epic_rag: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _last_chunk_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        fields = handler(self)
+        for name in ("usage", "epic_rag"):
+            if fields[name] is None:
+                del fields[name]
+        return fields
+
+
+class HealthResponse(BaseModel):
+    """GET /health: for load balancers and operators."""
+
+    status: Literal["ok"] = "ok"
+    model: str
+    queue_depth: int
+    kv_tiers: dict[str, Literal["up", "down"]]

@@ -1,7 +1,9 @@
 """Real servers for the tests, on 127.0.0.1 and free ports: Redis, nginx, `epic-rag serve`.
 
 A server binary that is missing fails the test that needs it (`.ci/run` installs them);
-nothing is faked or skipped.
+nothing is faked or skipped. Each server is a context manager, and stops itself when it fails
+to come up, so a fixture that starts several in an `ExitStack` leaves none running whatever
+fails (no process outlives pytest).
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
 import redis
 from epic_rag.server.process import OFFLINE_ENV, ServeProcess, free_port
+from prometheus_client.parser import text_string_to_metric_families
 
 ENV = {**os.environ, **OFFLINE_ENV}
 
@@ -31,7 +37,32 @@ def binary(name: str) -> str:
     pytest.fail(f"{name} is not installed: `apt-get install {name}` (.ci/run installs it)")
 
 
-class RedisServer:
+class LiveServer(ABC):
+    """A server process the test started: `with` stops it, whatever happens inside."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the process and reap it; a second call does nothing."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _stop(process: subprocess.Popen, wait_s: float = 20) -> None:
+    """Terminate `process` (SIGKILL if it lingers past `wait_s`) and reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class RedisServer(LiveServer):
     """redis-server on 127.0.0.1, no automatic snapshots; can be stopped and started on the same port
     (empty, or with its data when stopped with `save`)."""
 
@@ -57,23 +88,18 @@ class RedisServer:
         if self.maxmemory:
             command += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                self.client().ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not come up on port {self.port}")
+        try:
+            _wait_until(lambda: self.client().ping(), redis.ConnectionError, self.process, "redis-server", 20)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, save: bool = False) -> None:
         """Stop the server; with `save`, write its data first so that `start` brings it back."""
         if self.process is not None:
             if save:
                 self.client().shutdown(save=True)
-            else:
-                self.process.terminate()
-            self.process.wait(timeout=20)
+            _stop(self.process)
             self.process = None
 
 
@@ -83,7 +109,7 @@ def epic_server(index: Path, *args: str) -> ServeProcess:
     return ServeProcess(index, *args, log=log, wait_s=300)
 
 
-class Nginx:
+class Nginx(LiveServer):
     """nginx running deploy/nginx.conf with its upstream pointed at loopback replicas."""
 
     def __init__(self, folder: Path, config: Path, upstreams: list[int]) -> None:
@@ -106,23 +132,20 @@ class Nginx:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx exited: {self.process.stdout.read()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("nginx did not come up in 20 s")
+        try:
+            _wait_until(self._connect, OSError, self.process, "nginx", 20)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _connect(self) -> None:
+        socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
+        _stop(self.process)
 
 
-class ChromaServer:
+class ChromaServer(LiveServer):
     """A Chroma server (`chroma run`, installed with the chroma extra) on 127.0.0.1."""
 
     def __init__(self, folder: Path) -> None:
@@ -138,17 +161,43 @@ class ChromaServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/api/v2/heartbeat", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError(f"chroma did not come up on port {self.port}")
+        try:
+            _wait_until(self._heartbeat, httpx.HTTPError, self.process, "chroma", 60)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _heartbeat(self) -> None:
+        httpx.get(f"{self.url}/api/v2/heartbeat", timeout=2).raise_for_status()
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
+            _stop(self.process, wait_s=30)
             self.process = None
+
+
+def _wait_until(
+    ready: Callable[[], object], not_yet: type[Exception] | tuple, process: subprocess.Popen, name: str, wait_s: float
+) -> None:
+    """Call `ready` until it stops raising `not_yet`; fail if `process` exits or `wait_s` passes."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"{name} exited with {process.returncode} before it answered {output}".rstrip())
+        try:
+            ready()
+            return
+        except not_yet:
+            time.sleep(0.1)
+    raise RuntimeError(f"{name} did not answer within {wait_s:.0f} s")
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Every sample a server's /metrics exports, keyed as Prometheus writes it: `name{label="value"}`."""
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return samples

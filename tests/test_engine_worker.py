@@ -60,3 +60,32 @@ def test_an_error_goes_to_its_request_and_the_worker_goes_on():
     assert done.acquire(timeout=10) and done.acquire(timeout=10)
     assert isinstance(box[0][1], ZeroDivisionError) and box[1] == ("fine", None)
     worker.close()
+
+
+def test_close_finishes_the_running_job_and_refuses_the_waiting_ones():
+    worker = EngineWorker(max_waiting=2)
+    gate, started = threading.Event(), threading.Event()
+    results: dict[str, tuple] = {}
+
+    def run(cancel: threading.Event) -> str:
+        started.set()
+        gate.wait(10)
+        return "finished"
+
+    def finish_as(name: str):
+        return lambda result, error: results.__setitem__(name, (result, error))
+
+    worker.submit(Job(run=run, finish=finish_as("running")))
+    assert started.wait(10)
+    waiting = Job(run=lambda cancel: "never", finish=finish_as("waiting"))
+    worker.submit(waiting)
+    closer = threading.Thread(target=worker.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # close waits for the running job
+    gate.set()
+    closer.join(10)
+    assert not closer.is_alive() and worker.depth == 0
+    assert results["running"] == ("finished", None)
+    result, error = results["waiting"]
+    assert result is None and str(error) == "the server is shutting down" and waiting.cancel.is_set()

@@ -1,5 +1,8 @@
 """`epic-rag serve` as a live process on 127.0.0.1: the real openai client, bad requests, access,
-concurrency, a client that walks away, and the web chat in Debian's headless Chromium."""
+concurrency, a client that walks away, and the web chat in Debian's headless Chromium.
+
+Every answer the server gives is checked against the same request answered in this process by
+the engine itself (greedy decoding: the text, the sources and the token counts must be equal)."""
 
 from __future__ import annotations
 
@@ -8,18 +11,23 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from epic_rag.app.answering import AnswerReport, ChatRequest, answer
+from epic_rag.app.index import open_index
 from epic_rag.server.process import ServeProcess
+from epic_rag_bench.serve import DEFAULT_QUESTIONS
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
-from .live_servers import ENV, epic_server, free_port
+from .live_servers import ENV, epic_server, free_port, metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "examples" / "sample_docs"
 MODEL = "smollm2-135m-instruct"
@@ -35,12 +43,18 @@ QUESTIONS = [
     "How long does a firmware update take?",
     "How many people work at Norrvik?",
 ]
+SERVER_MAX_TOKENS = 256  # what the server answers with when a request does not say
+Reference = Callable[..., AnswerReport]
 
 
 def epic_rag(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "epic_rag.cli", *args], capture_output=True, text=True, env=ENV, timeout=600
     )
+
+
+def turns(*pairs: tuple[str, str]) -> list[ChatMessage]:
+    return [ChatMessage(role=MessageRole(role), content=content) for role, content in pairs]
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +66,21 @@ def index_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def reference(index_dir, smollm2) -> Reference:
+    """`reference(question, history=..., policy=..., ...)`: the answer computed in this process."""
+    app = open_index(index_dir, engine=smollm2)
+
+    def run(question: str, **fields) -> AnswerReport:
+        fields.setdefault("max_tokens", SERVER_MAX_TOKENS)
+        return answer(app, ChatRequest(question=question, **fields), lambda _delta: None)
+
+    return run
+
+
+@pytest.fixture(scope="module")
 def server(index_dir) -> Iterator[ServeProcess]:
-    live = epic_server(index_dir, "--queue-size", "16", "--threads", "2")
-    yield live
-    live.stop()
+    with epic_server(index_dir, "--queue-size", "16", "--threads", "2") as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +97,37 @@ def ask(client: openai.OpenAI, question: str, max_tokens: int = 24, **extra) -> 
     )
 
 
-def test_models_lists_the_index(client):
+def same_report(served: dict, expected: AnswerReport) -> None:
+    """The server's `epic_rag` report says what the in-process answer's does (cache state aside)."""
+    assert served["policy"] == expected.policy
+    assert served["chunks_linked"] == expected.chunks_linked
+    assert served["tokens_prompt"] == expected.tokens_prompt
+    assert served["tokens_reused"] == expected.tokens_reused
+    assert served["tokens_recomputed"] == expected.tokens_recomputed
+    assert served["tokens_generated"] == expected.tokens_generated
+    assert served["cache_hits"] + served["cache_misses"] == expected.cache_hits + expected.cache_misses
+    assert [(s["file"], s["snippet"]) for s in served["sources"]] == [(s.file, s.snippet) for s in expected.sources]
+    assert [s["score"] for s in served["sources"]] == pytest.approx([s.score for s in expected.sources], abs=1e-3)
+
+
+def test_models_lists_the_index(client, server):
     assert [m.id for m in client.models.list().data] == ["docs-index"]
+    assert httpx.get(f"{server.url}/v1/models", timeout=30).json() == {
+        "object": "list",
+        "data": [{"id": "docs-index", "object": "model", "created": 0, "owned_by": "epic-rag"}],
+    }
 
 
-def test_answers_equal_epic_rag_ask_streamed_or_not(client, index_dir):
+def test_answers_equal_epic_rag_ask_streamed_or_not(client, index_dir, reference):
     question = QUESTIONS[0]
+    expected = reference(question, policy="attnlink:16", max_tokens=32)
+    start = time.perf_counter()
     whole = ask(client, question, max_tokens=32, policy="attnlink:16")
+    waited = time.perf_counter() - start
     cli = epic_rag("ask", question, "--index", str(index_dir), "--policy", "attnlink:16", "--max-new-tokens", "32")
     assert cli.returncode == 0, cli.stderr
-    assert whole.choices[0].message.content.strip() == cli.stdout.split("\nsources:")[0].strip()
+    assert whole.choices[0].message.content == expected.text
+    assert expected.text.strip() == cli.stdout.split("\nsources:")[0].strip()
 
     chunks = list(
         client.chat.completions.create(
@@ -93,67 +139,109 @@ def test_answers_equal_epic_rag_ask_streamed_or_not(client, index_dir):
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id != whole.id
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert streamed == whole.choices[0].message.content
+    assert streamed == expected.text
     last = chunks[-1]
-    assert last.choices[0].finish_reason in ("stop", "length")
+    finish = "length" if expected.tokens_generated == 32 else "stop"
+    assert last.choices[0].finish_reason == whole.choices[0].finish_reason == finish
+    assert [c.usage for c in chunks[:-1]] == [None] * (len(chunks) - 1)  # usage rides on the last chunk only
     for report, usage in ((last.model_extra["epic_rag"], last.usage), (whole.model_extra["epic_rag"], whole.usage)):
+        same_report(report, expected)
         assert report["policy"] == "attnlink:16" and report["chunks_linked"] == 3
-        assert report["tokens_reused"] + report["tokens_recomputed"] == report["tokens_prompt"] == usage.prompt_tokens
-        assert report["tokens_reused"] > report["tokens_recomputed"] > 0
+        assert report["tokens_reused"] + report["tokens_recomputed"] == report["tokens_prompt"]
+        assert (usage.prompt_tokens, usage.completion_tokens) == (expected.tokens_prompt, expected.tokens_generated)
+        assert usage.total_tokens == expected.tokens_prompt + expected.tokens_generated
         assert report["cache_hits"] + report["cache_misses"] == 4  # the prompt prefix and 3 chunks
-        assert report["cache_misses"] <= 1  # chunks were stored at indexing; the prefix on its first use
-        assert [s["file"] for s in report["sources"]][0] == "skylark_s3.md"
-        assert all(s["snippet"] and s["score"] is not None for s in report["sources"])
-        assert usage.completion_tokens >= 1 and report["ttft_s"] > 0
+        assert report["sources"][0]["file"] == "skylark_s3.md"
+    assert 0 < whole.model_extra["epic_rag"]["ttft_s"] < waited
+    assert whole.model_extra["epic_rag"]["cache_misses"] <= 1  # chunks were stored at indexing; the prefix not
     assert last.model_extra["epic_rag"]["cache_misses"] == 0  # the streamed request came second
 
 
-def test_full_recompute_per_request_and_multi_turn(client):
-    full = ask(client, QUESTIONS[1], policy="full", top_k=2).model_extra["epic_rag"]
-    assert full["policy"] == "full" and full["tokens_reused"] == 0 and len(full["sources"]) == 2
+def test_full_recompute_per_request_and_multi_turn(client, reference):
+    full = ask(client, QUESTIONS[1], policy="full", top_k=2)
+    expected = reference(QUESTIONS[1], policy="full", top_k=2, max_tokens=24)
+    report = full.model_extra["epic_rag"]
+    assert full.choices[0].message.content == expected.text
+    same_report(report, expected)
+    assert report["policy"] == "full" and len(report["sources"]) == 2
+    assert report["tokens_reused"] == 0 and report["tokens_recomputed"] == report["tokens_prompt"]
+
+    history = [("user", QUESTIONS[0]), ("assistant", "It costs 14,500 euros.")]
     follow_up = client.chat.completions.create(
         model="docs-index",
         messages=[
-            {"role": "user", "content": QUESTIONS[0]},
-            {"role": "assistant", "content": "It costs 14,500 euros."},
+            *({"role": r, "content": c} for r, c in history),
             {"role": "user", "content": "And the mooring kit?"},
         ],
         max_tokens=16,
     )
-    report = follow_up.model_extra["epic_rag"]
-    assert follow_up.choices[0].message.content.strip() and report["chunks_linked"] == 3
-    assert report["tokens_prompt"] > full["tokens_prompt"] // 2
+    expected = reference("And the mooring kit?", history=turns(*history), max_tokens=16)
+    alone = reference("And the mooring kit?", max_tokens=16)
+    assert follow_up.choices[0].message.content == expected.text
+    same_report(follow_up.model_extra["epic_rag"], expected)
+    assert expected.tokens_prompt != alone.tokens_prompt  # the earlier turns are in the prompt
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "words"),
-    [
-        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
-        ({"model": "docs-index", "messages": []}, 400, "non-empty list"),
-        ({"model": "docs-index", "messages": [{"role": "user", "content": "  "}]}, 400, "not empty"),
-        ({"model": "docs-index", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role 'robot'"),
-        ({"model": "docs-index", "messages": [{"role": "user", "content": "hi"}], "policy": "magic"}, 400, "policy"),
-        ({"model": "docs-index", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n = 1"),
-        ({"model": "docs-index", "messages": [{"role": "user", "content": "hi"}], "tools": [{}]}, 400, "tool"),
-        ({"model": "docs-index", "messages": [{"role": "user", "content": "hi"}], "stop": ["x"]}, 400, "stop"),
-        (
-            {"model": "docs-index", "messages": [{"role": "user", "content": "word " * 1500}]},
-            400,
-            "over this server's limit",
-        ),
-        (
-            {"model": "docs-index", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000},
-            400,
-            "max_tokens",
-        ),
-    ],
-)
-def test_bad_requests_get_openai_errors(server, body, status, words):
+def hi(**fields) -> dict:
+    """A request for the index's model saying "hi", with `fields` added or replaced."""
+    return {"model": "docs-index", "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+UNSUPPORTED = "unsupported_parameter"
+BAD_REQUESTS = [
+    # (body, status, words in the message, the field named, the error code)
+    (hi(model="nope"), 404, "does not exist", "model", "model_not_found"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "Field required", "model", None),
+    (hi(messages=[]), 400, "non-empty list", "messages", None),
+    (hi(messages="hi"), 400, "valid array", "messages", None),
+    (hi(messages=[{"role": "user", "content": "  "}]), 400, "not empty", "messages", None),
+    (hi(messages=[{"role": "robot", "content": "hi"}]), 400, "role 'robot'", "messages[0].role", None),
+    (hi(messages=[{"role": "user"}]), 400, "Field required", "messages[0].content", None),
+    (
+        hi(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+        400,
+        "must be text",
+        "messages[0].content",
+        None,
+    ),
+    (hi(policy="magic"), 400, "unknown policy", "policy", "invalid_policy"),
+    (hi(n=2), 400, "n = 1", "n", UNSUPPORTED),
+    (hi(tools=[{}]), 400, "tool calls are not supported", "tools", UNSUPPORTED),
+    (hi(stop=["x"]), 400, "stop sequences", "stop", UNSUPPORTED),
+    (hi(presence_penalty=0.5), 400, "presence_penalty is not supported", "presence_penalty", UNSUPPORTED),
+    (hi(response_format={"type": "json_object"}), 400, "text response format", "response_format", UNSUPPORTED),
+    (
+        hi(messages=[{"role": "user", "content": "word " * 1500}]),
+        400,
+        "over this server's limit",
+        "messages",
+        "context_length_exceeded",
+    ),
+    (hi(max_tokens=100_000), 400, "max_tokens must be between 1 and 1024", "max_tokens", None),
+    (hi(max_tokens=True), 400, "valid integer", "max_tokens", None),
+    (hi(temperature=3), 400, "less than or equal to 2", "temperature", None),
+    (hi(top_k=99), 400, "less than or equal to 32", "top_k", None),
+    (hi(stream="yes"), 400, "valid boolean", "stream", None),
+    ([hi()], 400, "must be a JSON object", None, None),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "words", "param", "code"), BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(server, body, status, words, param, code):
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == status
     error = response.json()["error"]
-    assert words in error["message"] and error["type"]
+    assert words in error["message"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+
+
+def test_the_openai_client_raises_on_a_refused_field(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client, QUESTIONS[0], logprobs=True)
+    assert refused.value.status_code == 400 and refused.value.param == "logprobs"
+    assert refused.value.code == "unsupported_parameter"
 
 
 def test_malformed_json_is_a_400(server):
@@ -163,21 +251,35 @@ def test_malformed_json_is_a_400(server):
         headers={"content-type": "application/json"},
         timeout=60,
     )
-    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    assert response.status_code == 400 and response.json()["error"]["message"] == "the body is not valid JSON"
 
 
-def test_eight_clients_at_once_each_get_their_own_answer(client, server):
-    alone = {q: ask(client, q, max_tokens=12).choices[0].message.content for q in QUESTIONS}
+def test_eight_clients_at_once_each_get_their_own_answer(client, server, reference):
+    alone = {q: reference(q, max_tokens=12) for q in QUESTIONS}
+    before = metrics(server.url)
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
-        answers = list(pool.map(lambda q: ask(client, q, max_tokens=12).choices[0].message.content, QUESTIONS))
-    together = dict(zip(QUESTIONS, answers, strict=True))
-    assert together == alone
-    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
-    assert "epic_rag_queue_depth 0.0" in metrics and "epic_rag_ttft_seconds_count" in metrics
-    assert 'epic_rag_requests_total{status="200"}' in metrics and "epic_rag_store_hits_total" in metrics
+        replies = list(pool.map(lambda q: ask(client, q, max_tokens=12), QUESTIONS))
+    together = {q: r.choices[0].message.content for q, r in zip(QUESTIONS, replies, strict=True)}
+    assert together == {q: report.text for q, report in alone.items()}
+    after = metrics(server.url)
+    reports = [r.model_extra["epic_rag"] for r in replies]
+    assert after["epic_rag_queue_depth"] == 0
+    for name, added in (
+        ('epic_rag_requests_total{status="200"}', len(QUESTIONS)),
+        ("epic_rag_ttft_seconds_count", len(QUESTIONS)),
+        ("epic_rag_store_hits_total", sum(r["cache_hits"] for r in reports)),
+        ("epic_rag_store_misses_total", sum(r["cache_misses"] for r in reports)),
+        ("epic_rag_tokens_reused_total", sum(r["tokens_reused"] for r in reports)),
+        ("epic_rag_tokens_recomputed_total", sum(r["tokens_recomputed"] for r in reports)),
+    ):
+        assert after[name] - before.get(name, 0) == added, name
+    assert after["epic_rag_ttft_seconds_sum"] - before["epic_rag_ttft_seconds_sum"] == pytest.approx(
+        sum(r["ttft_s"] for r in reports)
+    )
 
 
-def test_a_client_that_walks_away_frees_the_engine(client, server):
+def test_a_client_that_walks_away_frees_the_engine(client, server, reference):
+    before = metrics(server.url)
     with httpx.stream(
         "POST",
         f"{server.url}/v1/chat/completions",
@@ -193,29 +295,40 @@ def test_a_client_that_walks_away_frees_the_engine(client, server):
             if '"content"' in line and '"content": ""' not in line:
                 break  # the first generated token arrived: hang up
     answered = ask(client, QUESTIONS[2], max_tokens=8)
-    assert answered.choices[0].message.content.strip()
+    assert answered.choices[0].message.content == reference(QUESTIONS[2], max_tokens=8).text
     health = httpx.get(f"{server.url}/health", timeout=30).json()
-    assert health["queue_depth"] == 0
-    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
-    assert "epic_rag_cancelled_total 1.0" in metrics  # the story stopped when its client left
+    assert health == {
+        "status": "ok",
+        "model": "docs-index",
+        "queue_depth": 0,
+        "kv_tiers": {"memory": "up", "disk": "up"},
+    }
+    after = metrics(server.url)
+    assert after["epic_rag_cancelled_total"] - before.get("epic_rag_cancelled_total", 0) == 1  # the story stopped
+    ok = 'epic_rag_requests_total{status="200"}'
+    assert after[ok] - before.get(ok, 0) == 1  # the story never finished: only the second request counts as answered
 
 
 def test_binding_beyond_loopback_needs_a_key(index_dir):
     done = epic_rag("serve", "--index", str(index_dir), "--host", "0.0.0.0", "--port", str(free_port()))
-    assert done.returncode != 0 and "without an API key" in done.stderr and "--api-key" in done.stderr
+    assert done.returncode == 2 and "without an API key" in done.stderr and "--api-key" in done.stderr
 
 
-def test_api_key_and_queue_limit(index_dir):
-    server = epic_server(index_dir, "--api-key", KEY, "--queue-size", "1", "--threads", "2")
-    try:
+def test_api_key_and_queue_limit(index_dir, reference):
+    with epic_server(index_dir, "--api-key", KEY, "--queue-size", "1", "--threads", "2") as server:
         body = {"model": "docs-index", "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 48}
         url = f"{server.url}/v1/chat/completions"
-        assert httpx.post(url, json=body, timeout=60).status_code == 401
+        missing = httpx.post(url, json=body, timeout=60)
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
         wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=60)
         assert wrong.status_code == 401 and "API key" in wrong.json()["error"]["message"]
+        assert (wrong.json()["error"]["type"], wrong.json()["error"]["code"]) == (
+            "authentication_error",
+            "invalid_api_key",
+        )
         assert httpx.get(f"{server.url}/v1/models", timeout=30).status_code == 401
         auth = {"Authorization": f"Bearer {KEY}"}
-        assert httpx.get(f"{server.url}/v1/models", headers=auth, timeout=30).status_code == 200
+        assert httpx.get(f"{server.url}/v1/models", headers=auth, timeout=30).json()["data"][0]["id"] == "docs-index"
 
         barrier = threading.Barrier(5)
 
@@ -227,14 +340,22 @@ def test_api_key_and_queue_limit(index_dir):
             responses = list(pool.map(post, range(5)))
         statuses = sorted(r.status_code for r in responses)
         assert statuses.count(200) >= 2 and statuses.count(503) >= 1 and set(statuses) <= {200, 503}
+        expected = reference(QUESTIONS[0], max_tokens=48).text
+        assert [r.json()["choices"][0]["message"]["content"] for r in responses if r.status_code == 200] == [
+            expected
+        ] * statuses.count(200)
         busy = next(r for r in responses if r.status_code == 503)
-        assert busy.headers["retry-after"] and "busy" in busy.json()["error"]["message"]
+        assert busy.headers["retry-after"] == "5" and "busy" in busy.json()["error"]["message"]
+        assert busy.json()["error"]["code"] == "queue_full"
+        counted = metrics(server.url)
+        assert counted['epic_rag_requests_total{status="401"}'] == 3
+        assert counted['epic_rag_requests_total{status="503"}'] == statuses.count(503)
+        assert counted['epic_rag_requests_total{status="200"}'] == statuses.count(200)
         assert httpx.get(f"{server.url}/health", timeout=30).json()["status"] == "ok"
-    finally:
-        server.stop()
 
 
-def test_web_chat_in_headless_chromium(server):
+@pytest.mark.browser
+def test_web_chat_in_headless_chromium(server, reference):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -250,11 +371,16 @@ def test_web_chat_in_headless_chromium(server):
             page.fill("#question", QUESTIONS[0])
             page.click("#send")
             page.wait_for_selector(".answer .stats", timeout=120_000)
-            answer = page.locator(".answer .text").first.inner_text()
-            assert answer.strip()
-            assert "TTFT" in page.locator(".answer .stats").first.inner_text()
+            first = page.locator(".answer .text").first.text_content()
+            expected = reference(QUESTIONS[0])
+            assert first == expected.text
+            stats = page.locator(".answer .stats").first.inner_text()
+            assert f"reused {expected.tokens_reused} of {expected.tokens_prompt} tokens" in stats
+            assert f"policy {expected.policy}" in stats
             page.locator("details.sources summary").first.click()
-            assert "skylark_s3.md" in page.locator("details.sources").first.inner_text()
+            assert [f.text_content() for f in page.locator("details.sources .file").all()] == [
+                s.file for s in expected.sources
+            ]
 
             page.check("#compare")
             page.fill("#question", QUESTIONS[1])
@@ -262,9 +388,14 @@ def test_web_chat_in_headless_chromium(server):
             page.wait_for_function("document.querySelectorAll('.answers.compare .stats').length === 2", timeout=120_000)
             cards = page.locator(".answers.compare .answer")
             assert cards.count() == 2
-            assert "full" in cards.nth(1).locator(".stats").inner_text()
-            for i in range(2):
-                assert cards.nth(i).locator(".text").inner_text().strip()
+            history = turns(("user", QUESTIONS[0]), ("assistant", first))
+            for card, policy in zip((cards.nth(0), cards.nth(1)), (None, "full"), strict=True):
+                expected = reference(QUESTIONS[1], history=history, policy=policy)
+                assert card.locator(".text").text_content() == expected.text
+                stats = card.locator(".stats").inner_text()
+                assert f"policy {expected.policy}" in stats
+                assert f"reused {expected.tokens_reused} of {expected.tokens_prompt} tokens" in stats
+            assert expected.policy == "full" and expected.tokens_reused == 0
             page.screenshot(path=str(ARTIFACTS / "web-chat.png"), full_page=True)
 
             page.click("#reset")
@@ -274,7 +405,7 @@ def test_web_chat_in_headless_chromium(server):
             browser.close()
 
 
-def test_bench_serve_starts_its_own_server_and_writes_results(index_dir, tmp_path):
+def test_bench_serve_starts_its_own_server_and_writes_results(index_dir, tmp_path, reference):
     out = tmp_path / "serve-bench"
     done = epic_rag(
         "bench", "serve", "--index", str(index_dir), "--policies", "attnlink:16", "--clients", "1,2",
@@ -283,6 +414,13 @@ def test_bench_serve_starts_its_own_server_and_writes_results(index_dir, tmp_pat
     assert done.returncode == 0, done.stderr
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["policy"], r["clients"], r["ok"]) for r in rows] == [("attnlink:16", 1, 2), ("attnlink:16", 2, 2)]
-    assert all(r["mismatched"] == 0 and r["ttft_p50"] > 0 for r in rows)  # greedy: concurrency changes no answer
-    assert "attnlink:16" in (out / "results.md").read_text()
-    assert (out / "serve.png").stat().st_size > 0
+    assert [r["mismatched"] for r in rows] == [0, 0]  # greedy: concurrency changes no answer
+    prompts = [reference(q, policy="attnlink:16", max_tokens=4).tokens_prompt for q in DEFAULT_QUESTIONS[:2]]
+    assert [r["prompt_tokens_mean"] for r in rows] == [sum(prompts) / 2] * 2
+    assert all(0 < r["ttft_p50"] <= r["latency_p50"] for r in rows)  # the first token comes before the last
+    table = (out / "results.md").read_text().splitlines()
+    assert [line.split(" | ")[:4] for line in table if line.startswith("| attnlink:16 ")] == [
+        ["| attnlink:16", "1", "2/2", "0"],
+        ["| attnlink:16", "2", "2/2", "0"],
+    ]
+    assert (out / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
