@@ -13,6 +13,7 @@ import torch
 
 from .kv import ChunkKV, rotate_keys_into
 from .rescale import AttentionRescale
+from .shift import ChunkShifter
 
 
 class PositionalKVCache:
@@ -27,6 +28,7 @@ class PositionalKVCache:
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.linked = torch.zeros(n_layers, capacity, dtype=torch.bool, device=device)  # slot holds reused K/V
         self.rescale: AttentionRescale | None = None  # applied to attention over linked slots
+        self.shift: ChunkShifter | None = None  # corrects linked slots by their chunk's recomputed ones
         self.length = 0  # positions < length are visible to attention
         self._write: torch.Tensor | slice = slice(0, 0)
 
@@ -71,6 +73,13 @@ class PositionalKVCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_: object):
         """Scatter fresh K/V ([1, kv_heads, S, head_dim]) and return this layer's visible K/V."""
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.shift is not None:  # compares with the linked K/V these writes replace: before them
+            written = (
+                self._write
+                if torch.is_tensor(self._write)
+                else torch.arange(self._write.start, self._write.stop, device=keys.device)
+            )
+            self.shift.apply(keys, values, self.linked[layer_idx], written, key_states, value_states)
         if isinstance(self._write, slice):
             keys[:, :, self._write] = key_states
             values[:, :, self._write] = value_states

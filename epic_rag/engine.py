@@ -33,13 +33,14 @@ from .model import check_supported, fingerprint, load_model, rotary_facts
 from .offline import DEFAULT_MODEL, builtin_policy
 from .policies import RecomputePolicy, parse_policy
 from .policy_spec import DEFAULT_POLICY
-from .prefill import selective_prefill
+from .prefill import forward_timer, selective_prefill
 from .prompt import PromptBuilder
 from .rescale import install_rescaled_attention
 from .results import Generation, PrefillResult, TokenStream
 from .sampling import SamplingParams
 from .store import KVStore, TieredStore
 from .store.registry import ChunkRegistry
+from .timing import TimeModel
 
 Policy = RecomputePolicy | str
 
@@ -73,6 +74,7 @@ class EpicEngine:
         self.chunks = ChunkRegistry(self.store, self.prompt.chunk_token_ids, self.prompt.key_of)
         self.lock = threading.RLock()
         install_rescaled_attention(self.model)
+        self.timing = TimeModel(measure=forward_timer(self.model, self._new_cache))  # what budget policies spend
         cfg = model.config
         self.n_layers = cfg.num_hidden_layers
         self.kv_heads = cfg.num_key_value_heads
@@ -194,10 +196,11 @@ class EpicEngine:
         """Link the cached segments and recompute what `policy` selects; next-token logits."""
         policy = parse_policy(policy or self.default_policy)
         self._check_length(layout.length, extra_capacity)
+        cache = self._new_cache(layout.length + extra_capacity)
         with self.lock:
-            cache = self._new_cache(layout.length + extra_capacity)
+            run = dict(progress_tokens=self.progress_tokens, timing=self.timing)
             return selective_prefill(
-                self.model, layout, policy, cache, self._fetch_segment, self.rotary.inv_freq, self.progress_tokens
+                self.model, layout, policy, cache, self._fetch_segment, self.rotary.inv_freq, **run
             )
 
     @torch.inference_mode()

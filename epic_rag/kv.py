@@ -99,19 +99,23 @@ class ChunkKV:
         return ChunkKV(self.token_ids, self.keys.to(dtype), self.values.to(dtype), self.context_ids)
 
 
-def rotation_angles(inv_freq: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of ``offset * inv_freq``, computed in float64: each [head_dim // 2]."""
+def rotation_angles(inv_freq: torch.Tensor, offset: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``offset * inv_freq``, computed in float64: each [head_dim // 2], or
+    [n, head_dim // 2] for offsets given per token as an [n, 1] tensor."""
     angles = offset * inv_freq.double()
     return angles.cos(), angles.sin()
 
 
-def rotate_keys_into(dst: torch.Tensor, keys: torch.Tensor, inv_freq: torch.Tensor, offset: int) -> torch.Tensor:
-    """Write `keys` rotated by ``offset`` positions into `dst` (same shape [..., head_dim]).
+def rotate_keys_into(
+    dst: torch.Tensor, keys: torch.Tensor, inv_freq: torch.Tensor, offset: int | torch.Tensor
+) -> torch.Tensor:
+    """Write `keys` rotated by ``offset`` positions into `dst` (same shape [..., head_dim]); an
+    [n, 1] tensor of offsets rotates keys [..., n, head_dim] token by token.
 
     Uses the half-split pairing of the HF Llama/Qwen2/Mistral rotary code: dimension i
     pairs with i + head_dim/2. Works on any batch of layers and heads at once.
     """
-    if offset == 0:
+    if isinstance(offset, int) and offset == 0:
         return dst.copy_(keys)
     cos, sin = (t.to(dst.dtype) for t in rotation_angles(inv_freq, offset))
     half = keys.shape[-1] // 2
@@ -124,6 +128,6 @@ def rotate_keys_into(dst: torch.Tensor, keys: torch.Tensor, inv_freq: torch.Tens
     return dst
 
 
-def rotate_keys(keys: torch.Tensor, inv_freq: torch.Tensor, offset: int) -> torch.Tensor:
+def rotate_keys(keys: torch.Tensor, inv_freq: torch.Tensor, offset: int | torch.Tensor) -> torch.Tensor:
     """`keys` ([..., head_dim]) rotated by ``offset`` positions, as a new tensor."""
     return rotate_keys_into(torch.empty_like(keys), keys, inv_freq, offset)

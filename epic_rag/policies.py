@@ -6,7 +6,10 @@ selects entirely are never loaded); `refine(layout, positions, probe)` may add p
 once the linked cache exists, after looking at the model through `probe`; and
 `layer_hook(layout)` may narrow the positions mid-forward, after one layer. A new
 policy is a new small class; the engine has no branch for any of them. Any policy can
-also rescale the attention paid to the chunk tokens it reuses (`policy+ape:T:S`).
+also correct the K/V of the chunk tokens it reuses by what recomputing their chunk's head
+changed (`policy+shift:w`), and rescale the attention paid to them (`policy+ape:T:S`). Before
+selecting, every policy is handed the engine's measured time model (`with_timing`); only
+a policy that spends a time budget uses it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from .forward import LayerHook, LayerState, query_attention
 from .layout import PromptLayout
 from .policy_spec import parse_spec
 from .rescale import AttentionRescale
+from .shift import OffsetCorrection
+from .timing import TimeModel
 
 
 class Probe:
@@ -40,6 +45,7 @@ class RecomputePolicy(ABC):
     """Chooses the positions to recompute; the last position is always among them."""
 
     rescale: AttentionRescale | None = None  # applied to attention over the reused chunk tokens
+    shift: OffsetCorrection | None = None  # applied to the reused chunk tokens' K/V, layer by layer
 
     @abstractmethod
     def select(self, layout: PromptLayout) -> torch.Tensor:
@@ -52,6 +58,10 @@ class RecomputePolicy(ABC):
     def layer_hook(self, layout: PromptLayout) -> LayerHook | None:
         """A hook that narrows the positions mid-forward, or None."""
         return None
+
+    def with_timing(self, timing: TimeModel) -> RecomputePolicy:
+        """This policy with the engine's time model at hand (most policies ignore it)."""
+        return self
 
     @property
     @abstractmethod
@@ -190,12 +200,13 @@ class QueryGuided(RecomputePolicy):
     counts from the last), and recompute the first `sinks` tokens of every displaced
     chunk plus the best-scored tokens, up to the number AttnLink(k) recomputes."""
 
-    def __init__(self, k: int = 16, sinks: int = 4, layers: Sequence[int] = (-1,)) -> None:
+    def __init__(self, k: int = 16, sinks: int = 4, layers: Sequence[int] | str = (-1,)) -> None:
         if k < 0 or sinks < 0:
             raise ValueError(f"guided needs k >= 0 and sinks >= 0, got k={k}, sinks={sinks}")
         if not layers:
             raise ValueError("guided needs at least one scoring layer")
-        self.k, self.sinks, self.layers = int(k), int(sinks), tuple(int(i) for i in layers)
+        self.k, self.sinks = int(k), int(sinks)
+        self.layers: tuple[int, ...] | str = "all" if layers == "all" else tuple(int(i) for i in layers)
 
     @property
     def spec(self) -> str:
@@ -203,7 +214,7 @@ class QueryGuided(RecomputePolicy):
         if self.sinks != 4 or self.layers != (-1,):
             parts.append(str(self.sinks))
         if self.layers != (-1,):
-            parts.append("+".join(str(i) for i in self.layers))
+            parts.append(self.layers if self.layers == "all" else "+".join(str(i) for i in self.layers))
         return ":".join(parts)
 
     def select(self, layout: PromptLayout) -> torch.Tensor:
@@ -213,7 +224,8 @@ class QueryGuided(RecomputePolicy):
         extra = AttnLink(self.k).select(layout).numel() - positions.numel()
         if extra <= 0 or not layout.chunks:
             return positions
-        layers = sorted({i % probe.n_layers for i in self.layers})
+        every = range(probe.n_layers)  # "all": the question's attention averaged over every layer (ProphetKV)
+        layers = sorted({i % probe.n_layers for i in (every if self.layers == "all" else self.layers)})
         hook = _QuestionAttention(layers, layout.length)
         probe(layout.computed_positions(), hook)
         in_chunks = torch.zeros(layout.length, dtype=torch.bool)
@@ -231,7 +243,7 @@ class Rescaled(RecomputePolicy):
     def __init__(self, inner: RecomputePolicy, rescale: AttentionRescale) -> None:
         if isinstance(inner, Rescaled):
             inner = inner.inner
-        self.inner, self.rescale = inner, rescale
+        self.inner, self.rescale, self.shift = inner, rescale, inner.shift
 
     @property
     def spec(self) -> str:
@@ -246,6 +258,82 @@ class Rescaled(RecomputePolicy):
     def layer_hook(self, layout: PromptLayout) -> LayerHook | None:
         return self.inner.layer_hook(layout)
 
+    def with_timing(self, timing: TimeModel) -> RecomputePolicy:
+        inner = self.inner.with_timing(timing)
+        return self if inner is self.inner else Rescaled(inner, self.rescale)
+
+
+class Shifted(RecomputePolicy):
+    """Another policy's selection, with the offset correction on what stays reused."""
+
+    def __init__(self, inner: RecomputePolicy, shift: OffsetCorrection) -> None:
+        if isinstance(inner, Shifted):
+            inner = inner.inner
+        self.inner, self.shift, self.rescale = inner, shift, inner.rescale
+
+    @property
+    def spec(self) -> str:
+        return f"{self.inner.spec}+{self.shift.spec}"
+
+    def select(self, layout: PromptLayout) -> torch.Tensor:
+        return self.inner.select(layout)
+
+    def refine(self, layout: PromptLayout, positions: torch.Tensor, probe: Probe) -> torch.Tensor:
+        return self.inner.refine(layout, positions, probe)
+
+    def layer_hook(self, layout: PromptLayout) -> LayerHook | None:
+        return self.inner.layer_hook(layout)
+
+    def with_timing(self, timing: TimeModel) -> RecomputePolicy:
+        inner = self.inner.with_timing(timing)
+        return self if inner is self.inner else Shifted(inner, self.shift)
+
+
+class TtftBudget(RecomputePolicy):
+    """Spend a time-to-first-token target as well as it goes: full recompute (exact) when the
+    time model says it fits, else AttnLink(k) with the largest k that fits, the question always.
+
+    The target is `seconds`, or `multiple` times the predicted reuse floor (question only).
+    Predictions come from the engine's own measured prefills (`timing`), never a constant."""
+
+    def __init__(self, seconds: float | None = None, multiple: float | None = None, timing: TimeModel | None = None):
+        if (seconds is None) == (multiple is None):
+            raise ValueError("budget takes either seconds or a multiple of the reuse floor")
+        self.seconds, self.multiple, self.timing = seconds, multiple, timing
+
+    @property
+    def spec(self) -> str:
+        return f"budget:{self.seconds:g}" if self.seconds is not None else f"budget:{self.multiple:g}x"
+
+    def with_timing(self, timing: TimeModel) -> RecomputePolicy:
+        return TtftBudget(self.seconds, self.multiple, timing)
+
+    def target(self, layout: PromptLayout) -> float:
+        """The seconds this prompt may take."""
+        if self.seconds is not None:
+            return self.seconds
+        return self.multiple * self._predict(FullReuse().select(layout).numel(), layout)
+
+    def select(self, layout: PromptLayout) -> torch.Tensor:
+        target = self.target(layout)
+        if self._predict(layout.length, layout, linked=0) <= target:
+            return torch.arange(layout.length)
+        longest = max((c.token_ids.numel() for c in layout.chunks), default=0)
+        lo, hi = 0, longest  # the largest k whose AttnLink(k) fits; k = 0 (reuse) when none does
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._predict(AttnLink(mid).select(layout).numel(), layout) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        return AttnLink(lo).select(layout)
+
+    def _predict(self, recomputed: int, layout: PromptLayout, linked: int | None = None) -> float:
+        if self.timing is None:
+            raise ValueError("a budget policy needs the engine's time model: run it through an EpicEngine")
+        segments = sum(1 for s in layout.segments if s.key is not None) if linked is None else linked
+        return self.timing.predict(recomputed, layout.length, segments)
+
 
 def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
     """A policy from its spec (see `policy_spec.parse_spec` for the grammar), or the policy itself."""
@@ -256,6 +344,8 @@ def parse_policy(spec: str | RecomputePolicy) -> RecomputePolicy:
         base = _BUILDERS[parsed.name](*parsed.args)
     except ValueError as err:
         raise ValueError(f"bad policy {spec!r}: {err}") from None
+    if parsed.shift is not None:
+        base = Shifted(base, OffsetCorrection(parsed.shift))
     return Rescaled(base, AttentionRescale(*parsed.rescale)) if parsed.rescale else base
 
 
@@ -266,4 +356,5 @@ _BUILDERS: dict[str, Callable[..., RecomputePolicy]] = {
     "attnlink": AttnLink,
     "cacheblend": CacheBlend,
     "guided": QueryGuided,
+    "budget": TtftBudget,
 }

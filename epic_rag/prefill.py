@@ -3,7 +3,9 @@
 Three timed steps over one prompt layout: fetch the stored KV of every segment the policy
 does not fully recompute (a miss is compiled on the spot and counted), link it into the
 positional cache with keys re-rotated to their global positions, then let the policy
-refine its choice (probes) and run the chosen positions through every layer.
+refine its choice (probes) and run the chosen positions through every layer. Each prefill
+whose cost its token counts describe (no mid-forward narrowing) is one observation of the
+engine's time model, which time-budget policies predict from.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .kv import ChunkKV
 from .layout import COMPUTED, PromptLayout, Segment
 from .policies import Probe, RecomputePolicy
 from .results import PrefillResult, PrefillStats
+from .shift import ChunkShifter
+from .timing import Measure, TimeModel
 
 FetchSegment = Callable[[Segment], tuple[ChunkKV, bool]]  # segment -> (its stored KV, was it a store hit)
 
@@ -51,12 +55,16 @@ def selective_prefill(
     fetch: FetchSegment,
     inv_freq: torch.Tensor,
     progress_tokens: int | None = None,
+    timing: TimeModel | None = None,
 ) -> PrefillResult:
     """Prefill `layout` into the empty `cache` under `policy`; the next-token logits and stats.
 
-    A prefill computing `progress_tokens` tokens or more shows a bar over the layers."""
+    A prefill computing `progress_tokens` tokens or more shows a bar over the layers; `timing`
+    is handed to the policy and learns this prefill's cost."""
     stats = PrefillStats(policy=policy.spec, tokens_total=layout.length, chunks=len(layout.chunks))
     start = time.perf_counter()
+    if timing is not None:
+        policy = policy.with_timing(timing)
     positions = policy.select(layout)
     hook = policy.layer_hook(layout)
     skip = torch.zeros(layout.length, dtype=torch.bool)
@@ -66,6 +74,8 @@ def selective_prefill(
 
     t0 = time.perf_counter()
     cache.rescale = policy.rescale
+    spans = [(c.start, c.end) for c in layout.chunks]
+    cache.shift = ChunkShifter(policy.shift, spans, inv_freq) if policy.shift is not None else None
     for seg, entry in linked:
         cache.link(entry, seg.start, inv_freq)
     stats.link_s = time.perf_counter() - t0
@@ -82,7 +92,29 @@ def selective_prefill(
     positions = policy.refine(layout, positions, Probe(model.config.num_hidden_layers, probe_run))
     out = run(positions, hook=hook, progress=progress_tokens is not None and positions.numel() >= progress_tokens)
     stats.recompute_s = time.perf_counter() - t0
+    cache.shift = None  # the prompt is prefilled: decoded tokens fall in no chunk
     stats.tokens_recomputed = out.positions.numel()
     stats.tokens_reused = layout.length - positions.numel()
     stats.ttft_s = time.perf_counter() - start
+    if timing is not None and hook is None:  # compiling missing entries is not the selection's cost
+        timing.observe(
+            stats.tokens_recomputed + stats.tokens_probed, layout.length, len(linked), stats.ttft_s - stats.compile_s
+        )
     return PrefillResult(cache, out.logits, stats, out.positions)
+
+
+def forward_timer(model: nn.Module, new_cache: Callable[[int], PositionalKVCache]) -> Measure:
+    """Seconds one forward of n tokens takes over a context of `length` (the last n positions
+    of a zero-filled cache): the time model's own measurement before real prefills teach it."""
+
+    @torch.inference_mode()
+    def measure(n: int, length: int) -> float:
+        cache = new_cache(length)
+        cache.keys.zero_()
+        cache.values.zero_()
+        ids = torch.zeros(n, dtype=torch.int64)
+        start = time.perf_counter()
+        run_layers(model, cache, ids, torch.arange(length - n, length), length)
+        return time.perf_counter() - start
+
+    return measure
