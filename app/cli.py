@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from epic_rag.cli import require_extra
 from epic_rag.offline import DEFAULT_MODEL, check_model_spec
@@ -19,7 +19,7 @@ from epic_rag.policy_spec import CANDIDATES, parse_spec
 from .settings import CHAT_RETRIEVAL, HISTORY_TOKENS
 
 if TYPE_CHECKING:
-    from epic_rag.integrations.llama_index.handoff import CallReport, Handoff
+    from .manifest import IndexManifest
 
 RESPONSE_MODES = ("compact", "simple_summarize", "refine", "tree_summarize")
 KV_URL_ENV = "EPIC_RAG_KV_URL"  # keeps a Redis password out of the process list
@@ -165,11 +165,17 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     from epic_rag.calibration import format_scores
 
-    from .index import MANIFEST, calibrate_index, read_manifest
+    from .calibrate import calibrate_index
+    from .manifest import MANIFEST, read_manifest
 
-    read_manifest(args.index)  # fail on a bad index folder before loading any model
+    manifest = read_manifest(args.index)  # fail on a bad index folder before loading any model
     scores, best = calibrate_index(
-        args.index, samples=args.samples, candidates=args.policies, max_new_tokens=args.max_new_tokens, seed=args.seed
+        args.index,
+        samples=args.samples,
+        candidates=args.policies,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        manifest=manifest,
     )
     print(format_scores(scores, best))
     print(f"\nrecommended: {best} (recorded in {args.index}/{MANIFEST}; ask, chat and open_index now use it)")
@@ -196,7 +202,9 @@ def policy_arg(spec: str) -> str:
 
 def _index(args: argparse.Namespace) -> int:
     require_extra("index", "llama-index", "llama_index.core", "faiss", "sentence_transformers")
-    from .index import build_index, read_documents, read_manifest
+    from .documents import read_documents
+    from .index import build_index
+    from .manifest import read_manifest
 
     report = read_documents(args.docs_dir, strict=args.strict, progress=True)  # before loading any model
     start = time.perf_counter()
@@ -230,15 +238,13 @@ class QuestionTooLong(ValueError):
     """A question over the CLI's limit or the model's window."""
 
 
-def _question_limit(args: argparse.Namespace):
+def _question_limit(args: argparse.Namespace, manifest: IndexManifest):
     """A check of one question's length, ready before the model loads (only its tokenizer)."""
     from transformers import AutoConfig
 
     from epic_rag.model import load_tokenizer, resolve_model_folder
 
-    from .index import read_manifest
-
-    model = args.model or read_manifest(args.index).model
+    model = args.model or manifest.model
     tokenizer = load_tokenizer(model)
     window = int(AutoConfig.from_pretrained(resolve_model_folder(model)).max_position_embeddings)
 
@@ -258,12 +264,14 @@ def _question_limit(args: argparse.Namespace):
     return check
 
 
-def open_app(args: argparse.Namespace):
-    """The RagApp of `--index` as the command's arguments ask for it."""
+def open_app(args: argparse.Namespace, manifest: IndexManifest | None = None):
+    """The RagApp of `--index` as the command's arguments ask for it (`manifest`: the index's,
+    when the command has read it already; each command reads it once)."""
     require_extra(args.command, "llama-index", "llama_index.core", "faiss", "sentence_transformers")
-    from .index import open_index, read_manifest
+    from .index import open_index
+    from .manifest import read_manifest
 
-    read_manifest(args.index)  # fail on a bad index folder before loading any model
+    manifest = manifest or read_manifest(args.index)  # fail on a bad index folder before loading any model
     if not args.local_kv and not args.kv_url:
         raise ValueError("--no-local-kv leaves chunk KV nowhere to persist: give --kv-url too, or drop it")
     if args.kv_memory_mb < 0:
@@ -278,89 +286,38 @@ def open_app(args: argparse.Namespace):
         kv_ttl_s=args.kv_ttl,
         kv_memory_bytes=args.kv_memory_mb << 20,
         local_kv=args.local_kv,
+        manifest=manifest,
     )
 
 
 def _ask(args: argparse.Namespace) -> int:
     if not args.question.strip():
         raise ValueError("the question is empty")
-    from .index import read_manifest
+    from .manifest import read_manifest
 
-    read_manifest(args.index)
-    _question_limit(args)(args.question)  # before the model loads
-    app = open_app(args)
+    manifest = read_manifest(args.index)
+    _question_limit(args, manifest)(args.question)  # before the model loads
+    app = open_app(args, manifest)
     from epic_rag.integrations.llama_index.handoff import current_handoff
+
+    from .report import format_report
 
     response = app.query_engine(response_mode=args.response_mode).query(args.question)
     print(str(response).strip())
     print()
-    print(_report(response.source_nodes, current_handoff()))
+    print(format_report(response.source_nodes, current_handoff()))
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    check = _question_limit(args)
-    app = open_app(args)
-    from epic_rag.integrations.llama_index.handoff import current_handoff, set_handoff
+    from .manifest import read_manifest
+
+    manifest = read_manifest(args.index)
+    check = _question_limit(args, manifest)
+    app = open_app(args, manifest)
+    from .chat import chat_loop
 
     chat = app.chat_engine(retrieval=args.retrieval, history_tokens=args.history_tokens)
     print("epic-rag chat: ask about the indexed documents. /reset clears the conversation; /quit, /exit, Ctrl-D leave.")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            break
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            chat.reset()
-            print("(conversation cleared)")
-            continue
-        if not line:
-            continue
-        try:
-            check(line)
-        except QuestionTooLong as err:
-            print(f"(not asked: {err})")
-            continue
-        set_handoff(None)  # this turn's calls only
-        response = chat.stream_chat(line)
-        handoff = current_handoff()
-        print("bot> ", end="", flush=True)
-        for delta in response.response_gen:
-            print(delta, end="", flush=True)
-        thread = getattr(response, "write_response_to_history_thread", None)
-        if thread is not None:
-            thread.join()
-        print()
-        condense = getattr(chat, "condense_call", None)
-        if condense is not None:
-            print(f"searched for: {chat.condensed}")
-        print(_report(response.source_nodes, handoff, before=[condense] if condense else []))
+    chat_loop(chat, check)
     return 0
-
-
-def _report(source_nodes: list[Any], handoff: Handoff | None, before: list[CallReport] | None = None) -> str:
-    """Sources line and the reuse line: TTFT, cache hits, recomputed tokens.
-
-    `before`: model calls made ahead of retrieval (condensing a follow-up), counted in the totals."""
-    sources = ", ".join(
-        f"{n.node.metadata.get('file_name', n.node.node_id)} ({n.score:.2f})"
-        if n.score is not None
-        else str(n.node.metadata.get("file_name", n.node.node_id))
-        for n in source_nodes
-    )
-    lines = [f"sources: {sources or '(none)'}"]
-    if handoff is not None and handoff.calls:
-        calls = (before or []) + handoff.calls
-        answer = handoff.calls[0]
-        recomputed = sum(c.tokens_recomputed for c in calls)
-        total = sum(c.tokens_total for c in calls)
-        lines.append(
-            f"ttft: {answer.ttft_s:.2f} s | cache hits: {sum(c.store_hits for c in calls)}, "
-            f"misses: {sum(c.store_misses for c in calls)} | recomputed tokens: {recomputed} of {total} | "
-            f"chunks linked: {sum(c.chunks_matched for c in calls)} | policy: {answer.policy}"
-            + (f" | llm calls: {len(calls)}" if len(calls) > 1 else "")
-        )
-    return "\n".join(lines)

@@ -1,12 +1,16 @@
-"""A RAG chatbot over a documents folder, built from the four LlamaIndex pieces of epic-rag.
+"""A RAG chatbot over a documents folder, or over an index `epic-rag index` built.
 
-    python examples/rag_chatbot.py                       # sample documents, default offline model
+    python examples/rag_chatbot.py --index demo-index     # the index the README builds
+    python examples/rag_chatbot.py                        # sample documents, default offline model
     python examples/rag_chatbot.py --docs my_docs --model smollm2-135m-instruct
 
-It indexes the folder (KVSplit chunks, chunk KV stored by EpicKVPrecompute, FAISS
-vectors) and reuses that index while the documents and the model stay the same, then
-answers questions typed at the prompt, streaming each answer and printing its sources,
-time to first token and how much KV was reused. /quit, /exit, Ctrl-D or Ctrl-C end it.
+With --index alone it opens that index with the model that built it. With a documents
+folder (the sample one by default) it indexes the folder (KVSplit chunks, chunk KV stored
+by EpicKVPrecompute, FAISS vectors) and reuses that index while the documents and the
+model stay the same. Then it chats as `epic-rag chat` does: each answer streams, a
+follow-up sees the conversation so far, and after each answer come its sources, time to
+first token and what KV was reused. /reset clears the conversation; /quit, /exit, Ctrl-D
+or Ctrl-C end it.
 """
 
 from __future__ import annotations
@@ -15,60 +19,48 @@ import argparse
 import sys
 from pathlib import Path
 
-from epic_rag.integrations.llama_index import current_handoff
-from epic_rag.app.index import build_index, index_is_current, open_index, read_documents
+from epic_rag.app.chat import chat_loop
+from epic_rag.app.documents import read_documents
+from epic_rag.app.index import RagApp, build_index, index_is_current, open_index
 
 from epic_rag import DEFAULT_MODEL
 from epic_rag.offline import cache_dir
 
-HERE = Path(__file__).resolve().parent
-QUIT = {"/quit", "/exit"}
+SAMPLE_DOCS = Path(__file__).resolve().parent / "sample_docs"
 
 
-def answer(query_engine, question: str) -> None:
-    response = query_engine.query(question)
-    print("bot> ", end="", flush=True)
-    for delta in response.response_gen:
-        print(delta, end="", flush=True)
-    print()
-    call = current_handoff().calls[0]
-    print(f"  sources: {', '.join(n.node.metadata['file_name'] for n in response.source_nodes)}")
-    print(
-        f"  ttft {call.ttft_s:.2f} s, chunks linked {call.chunks_matched}/{call.chunks_handed}, "
-        f"recomputed {call.tokens_recomputed} of {call.tokens_total} tokens"
-    )
+def open_app(docs: str | None, index: str | None, model: str | None) -> RagApp:
+    """The index at `index` as it is when no documents folder is given; else an index of `docs`
+    (the sample documents by default), built when the documents or the model changed."""
+    if docs is None and index is not None:
+        return open_index(index, model=model)
+    docs, index, model = docs or str(SAMPLE_DOCS), index or str(cache_dir() / "example_index"), model or DEFAULT_MODEL
+    documents = read_documents(docs, progress=True)
+    if index_is_current(index, documents, model):
+        return open_index(index, model=model)
+    print(f"indexing {docs} (new, or the documents or the model changed since {index} was built)")
+    return build_index(docs, index, model=model, documents=documents)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", default=str(HERE / "sample_docs"), help="documents folder")
-    parser.add_argument("--index", default=str(cache_dir() / "example_index"), help="index folder (built when needed)")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--docs", default=None, help="documents folder (default: the sample documents)")
+    parser.add_argument("--index", default=None, help="index folder: opened as it is, or built from --docs when given")
+    parser.add_argument("--model", default=None, help=f"model (default: the index's, else {DEFAULT_MODEL})")
     args = parser.parse_args()
 
-    documents = read_documents(args.docs, progress=True)
-    if index_is_current(args.index, documents, args.model):
-        app = open_index(args.index, model=args.model)
-    else:
-        print(f"indexing {args.docs} (new, or the documents or the model changed since {args.index} was built)")
-        app = build_index(args.docs, args.index, model=args.model, documents=documents)
-    query_engine = app.query_engine(streaming=True)
-    print("Ask about the documents. /quit, /exit or Ctrl-D to leave.")
-    while True:
-        try:
-            question = input("you> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if question in QUIT:
-            return 0
-        if question:
-            answer(query_engine, question)
+    app = open_app(args.docs, args.index, args.model)
+    print("Ask about the documents. /reset clears the conversation; /quit, /exit or Ctrl-D to leave.")
+    chat_loop(app.chat_engine())
+    return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except (ValueError, FileNotFoundError) as err:
+        print(f"rag_chatbot: error: {err}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted; nothing half-written was kept", file=sys.stderr)
         sys.exit(130)

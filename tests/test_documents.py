@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from epic_rag.app.index import read_documents
+from epic_rag.app.documents import read_documents
 
 
 def write_pdf(path: Path, text: str) -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from epic_rag.app.index import build_index, open_index, read_manifest
+from epic_rag.app.index import build_index, open_index
+from epic_rag.app.manifest import read_manifest
 from epic_rag.app.vector_stores import parse_chroma_url
 
 from .live_servers import ChromaServer
