@@ -1,7 +1,8 @@
 """The lines printed after an answer: its sources, and what it reused (chunks and prompt head apart).
 
 Shared by `epic-rag ask`, `epic-rag chat` and the example chatbot. Imports nothing heavy:
-it formats the `CallReport`s the LLM left in the query's handoff.
+it formats the `CallReport`s the LLM left in the query's handoff, whose chunk and prompt-head
+counts come from the engine's own segment counts.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from epic_rag.integrations.llama_index.handoff import CallReport, Handoff
-
-NO_LINKING = {"full": False, "prefix": True}  # policies that link no chunk KV -> whether they link the prompt head
 
 
 @dataclass
@@ -30,28 +29,13 @@ class Reuse:
     heads: Counter[str] = field(default_factory=Counter)  # head state -> calls
 
     def add(self, call: CallReport) -> None:
-        """Count one call. Its store hits and misses are segments, the prompt head included; the
-        head is told apart by count (at most one per call), and where a call both hit and missed,
-        the head is taken as the miss: chunk KV is stored at index time, a head on first use."""
+        """Count one call, as the engine counted its segments (chunks and the prompt head apart)."""
         if call.chunks_matched == 0:
             return  # no chunk found: the whole prompt was computed, no head segment was laid out
         self.chunks_linked += call.chunks_matched
-        hits, misses = call.store_hits, call.store_misses
-        base = call.policy.split("+")[0]  # the policy without its +ape part
-        links_chunks = base not in NO_LINKING
-        # a policy that links chunk KV loads one segment more than the chunks when it links the head
-        head_linked = hits + misses > call.chunks_matched if links_chunks else NO_LINKING[base]
-        if not head_linked:
-            self.heads["recomputed"] += 1
-        elif misses:
-            self.heads["computed"] += 1
-            misses -= 1
-        else:
-            self.heads["cached"] += 1
-            hits -= 1
-        if links_chunks:
-            self.chunk_hits += hits
-            self.chunk_misses += misses
+        self.chunk_hits += call.chunk_hits
+        self.chunk_misses += call.chunk_misses
+        self.heads["recomputed" if call.prefix == "none" else call.prefix] += 1
 
     @property
     def chunks_loaded(self) -> int:

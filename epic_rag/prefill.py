@@ -19,7 +19,7 @@ from torch import nn
 from .cache import PositionalKVCache
 from .forward import LayerHook, run_layers
 from .kv import ChunkKV
-from .layout import COMPUTED, PromptLayout, Segment
+from .layout import COMPUTED, Kind, PromptLayout, Segment
 from .policies import Probe, RecomputePolicy
 from .results import PrefillResult, PrefillStats
 from .shift import ChunkShifter
@@ -41,8 +41,15 @@ def load_segments(
         linked.append((seg, entry))
         stats.store_hits += hit
         stats.store_misses += not hit
+        if seg.kind is Kind.PREFIX:
+            stats.prefix = "cached" if hit else "computed"
+        else:
+            stats.chunk_hits += hit
+            stats.chunk_misses += not hit
         stats.compile_s += 0.0 if hit else time.perf_counter() - t0
     stats.kv_load_s = time.perf_counter() - start - stats.compile_s
+    if stats.prefix == "none" and layout.prefix is not None and layout.prefix.key is not None:
+        stats.prefix = "recomputed"
     return linked
 
 

@@ -25,6 +25,9 @@ class PrefillStats:
     chunks: int = 0
     store_hits: int = 0
     store_misses: int = 0  # segments computed on the spot because the store lacked them
+    chunk_hits: int = 0  # of those, chunk segments (the rest is the prompt head)
+    chunk_misses: int = 0
+    prefix: str = "none"  # the prompt head: "cached" (a hit), "computed" (a miss), "recomputed" (not linked), "none"
     kv_load_s: float = 0.0
     compile_s: float = 0.0  # time spent computing missing segments
     link_s: float = 0.0

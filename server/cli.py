@@ -56,14 +56,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     require_extra("serve", "serve", "fastapi", "uvicorn", "prometheus_client", "llama_index.core")
     import uvicorn
-    from epic_rag.app.index import read_manifest
+    from epic_rag.app.manifest import read_manifest
 
     from .api_server import check_bind, create_app
 
     check_bind(args.host, args.api_key)  # before anything loads
-    read_manifest(args.index)
+    manifest = read_manifest(args.index)  # a bad index folder fails before the model loads
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    rag = open_app(args)
+    rag = open_app(args, manifest)
     model_id = args.model_id or Path(args.index).resolve().name
     app = create_app(
         rag,

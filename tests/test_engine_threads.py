@@ -142,3 +142,23 @@ def test_registry_resolves_ids_from_many_threads_without_the_prompt_builder():
     expected = [engine.chunk_token_ids(c) for c in CHUNKS]
     assert len(resolved) == 4
     assert all(all(torch.equal(a, b) for a, b in zip(r, expected, strict=True)) for r in resolved)
+
+
+def test_the_engine_counts_chunks_and_the_prompt_head_apart():
+    engine = tiny_engine()
+    ids = engine.add_chunks(CHUNKS[:3])
+    first = engine.prefill(engine.layout(QUESTIONS[0], ids, system="Be brief."), "attnlink:2").stats
+    again = engine.prefill(engine.layout(QUESTIONS[1], ids, system="Be brief."), "attnlink:2").stats
+    full = engine.prefill(engine.layout(QUESTIONS[1], ids, system="Be brief."), "full").stats
+    assert (first.prefix, first.chunk_hits, first.chunk_misses, first.store_hits, first.store_misses) == (
+        "computed",
+        3,
+        0,
+        3,
+        1,
+    )
+    assert (again.prefix, again.chunk_hits, again.chunk_misses) == ("cached", 3, 0)
+    assert (full.prefix, full.chunk_hits, full.chunk_misses, full.store_hits) == ("recomputed", 0, 0, 0)
+    engine.store.delete(ids[1].removeprefix("kv:"))
+    lost = engine.prefill(engine.layout(QUESTIONS[1], ids, system="Be brief."), "reuse").stats
+    assert (lost.prefix, lost.chunk_hits, lost.chunk_misses) == ("cached", 2, 1)

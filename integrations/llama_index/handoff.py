@@ -31,6 +31,9 @@ class CallReport:
     tokens_generated: int = 0
     finish_reason: str = ""  # "stop", "eos", "length", or "cancelled" when the caller stopped it
     decode_s: float = 0.0
+    chunk_hits: int = 0  # chunk segments among store_hits / store_misses (the rest is the prompt head)
+    chunk_misses: int = 0
+    prefix: str = "none"  # the prompt head: "cached", "computed", "recomputed" or "none" (see PrefillStats)
 
     @property
     def chunks_unmatched(self) -> int:

@@ -151,6 +151,9 @@ class EpicLLM(CustomLLM):
             tokens_generated=len(result.token_ids),
             finish_reason=result.finish_reason,
             decode_s=result.decode_s,
+            chunk_hits=s.chunk_hits,
+            chunk_misses=s.chunk_misses,
+            prefix=s.prefix,
         )
         if handoff is not None:
             handoff.calls.append(report)
