@@ -1,15 +1,32 @@
-"""Shared fixtures: tiny random-weight models for exact math, SmolLM2 for end to end."""
+"""Shared fixtures: tiny random-weight models for exact math, SmolLM2 for end to end, and the
+texts the tests read (only what the project ships: examples/)."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from epic_rag import EpicEngine, KVStore
-from epic_rag_bench.data import default_data_dir
 
-SHARED_DATA = default_data_dir()
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DOCS = ROOT / "examples" / "sample_docs"  # four short product documents (the README's index)
+STDLIB_DOCS = ROOT / "examples" / "stdlib_docs"  # 23 pydoc pages, about 30,000 SmolLM2 tokens
+SMOLLM2 = "smollm2-135m-instruct"
+ESSAY_CHARS = 2600  # each essay at least this long: 600+ SmolLM2 tokens
+SERVER_MARKERS = ("redis", "browser", "e2e")  # tests that start a server are slow too
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that starts a server or loads the real model, so `-m "not slow"`
+    runs on a machine with neither."""
+    for item in items:
+        needs_model = {"smollm2", "sample_index"} & set(getattr(item, "fixturenames", ()))
+        if needs_model or any(item.get_closest_marker(name) for name in SERVER_MARKERS):
+            item.add_marker(pytest.mark.slow)
 
 
 class CharTokenizer:
@@ -68,6 +85,21 @@ def tiny_engine(family: str = "llama", bos: bool = True, store: KVStore | None =
     return EpicEngine(tiny_model(family, **overrides), CharTokenizer(bos=bos), store)
 
 
+def stdlib_essays(min_chars: int = ESSAY_CHARS) -> list[str]:
+    """The shipped stdlib pages as one run of paragraphs, cut at paragraph breaks into texts of at
+    least `min_chars` characters: long plain texts, as the benchmarks' essays are (29 of them)."""
+    paragraphs = [
+        p for path in sorted(STDLIB_DOCS.glob("*.txt")) for p in re.split(r"\n\s*\n", path.read_text()) if p.strip()
+    ]
+    essays, current = [], []
+    for paragraph in paragraphs:
+        current.append(paragraph)
+        if sum(len(p) for p in current) >= min_chars:
+            essays.append("\n\n".join(current))
+            current = []
+    return essays
+
+
 @pytest.fixture(params=["llama", "qwen2", "mistral"])
 def family(request) -> str:
     return request.param
@@ -76,13 +108,37 @@ def family(request) -> str:
 @pytest.fixture(scope="session")
 def smollm2() -> EpicEngine:
     """The real offline SmolLM2-135M-Instruct, fp32, memory-only store (shared by all slow tests)."""
-    return EpicEngine.from_pretrained("smollm2-135m-instruct")
+    return EpicEngine.from_pretrained(SMOLLM2)
+
+
+def smollm2_over(smollm2: EpicEngine, store: KVStore) -> EpicEngine:
+    """An engine of the session's SmolLM2 weights (loaded once) over another store."""
+    return EpicEngine(smollm2.model, smollm2.tokenizer, store, default_policy=smollm2.default_policy)
 
 
 @pytest.fixture(scope="session")
 def essays() -> list[str]:
-    """Plain-text essays from the shared evaluation data (read in place, never copied)."""
-    folder = SHARED_DATA / "haystack"
-    files = sorted(folder.glob("*.txt"))
-    assert files, f"no essays under {folder}; set EPIC_RAG_DATA to the shared data folder"
-    return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    """Long plain texts from the shipped stdlib docs (see `stdlib_essays`)."""
+    return stdlib_essays()
+
+
+@pytest.fixture(scope="session")
+def essay_folder(tmp_path_factory, essays) -> Path:
+    """The `essays` as a folder of .txt files, in order: what the benchmarks' `--essays` takes."""
+    folder = tmp_path_factory.mktemp("essays")
+    for i, text in enumerate(essays):
+        (folder / f"essay{i:02d}.txt").write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory, smollm2) -> Path:
+    """examples/sample_docs indexed once with SmolLM2, as `epic-rag index` lays it out (named
+    docs-index, its KV in kv/). Shared by every test that asks over it: a test that changes the
+    folder (calibrates it, deletes KV) works on a copy (`shutil.copytree`)."""
+    from epic_rag.app.index import build_index
+
+    folder = tmp_path_factory.mktemp("sample") / "docs-index"
+    engine = smollm2_over(smollm2, KVStore(folder / "kv"))
+    build_index(SAMPLE_DOCS, folder, model=SMOLLM2, engine=engine, show_progress=False)
+    return folder

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import pytest
+from epic_rag.app.prompts import NOT_IN_DOCUMENTS
 from epic_rag_bench.app_quality import (
+    Conversation,
     Turn,
     declines,
     judge,
     read_conversations,
     read_questions,
 )
-from epic_rag.app.prompts import NOT_IN_DOCUMENTS
 
-QA = Path(__file__).resolve().parents[1] / "benchmarks" / "qa"
+from .conftest import ROOT, SAMPLE_DOCS
+
+QA = ROOT / "benchmarks" / "qa"
 
 
 @pytest.mark.parametrize(
@@ -40,12 +43,37 @@ def test_judge_needs_every_fact_and_no_decline():
     assert not judge("+47 555 0100", unanswerable)
 
 
-def test_shipped_question_files_parse():
-    answerable = read_questions(QA / "sample_docs_questions.jsonl")
+def test_readers_parse_questions_and_conversations(tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        '{"id": "a", "question": "Cost?", "answers": ["14,500", "14500"]}\n\n{"id": "b", "question": "Fax?"}\n'
+    )
+    assert read_questions(questions) == [
+        Conversation("a", [Turn("Cost?", [["14,500", "14500"]])]),
+        Conversation("b", [Turn("Fax?", [])]),  # no answers: the documents do not say
+    ]
+    chats = tmp_path / "chats.jsonl"
+    turns = [{"question": "Weight?", "expect": [["38 kg"], ["yellow"]]}, {"question": "Fax?", "expect": []}]
+    chats.write_text(json.dumps({"id": "c", "turns": turns}) + "\n")
+    [chat] = read_conversations(chats)
+    assert chat == Conversation("c", [Turn("Weight?", [["38 kg"], ["yellow"]]), Turn("Fax?", [])])
+    assert [t.answerable for t in chat.turns] == [True, False]
+
+
+def test_shipped_questions_rest_on_the_sample_documents():
+    rows = [json.loads(line) for line in (QA / "sample_docs_questions.jsonl").read_text().splitlines()]
+    for row in rows:  # each evidence sentence is quoted from the document it names
+        for evidence in row["evidence"]:
+            name, sentence = evidence.split(": ", 1)
+            assert sentence in (SAMPLE_DOCS / name).read_text(), (row["id"], evidence)
+    assert [c.turns[0].expect for c in read_questions(QA / "sample_docs_questions.jsonl")] == [
+        [r["answers"]] for r in rows
+    ]
+    documents = "\n".join(path.read_text() for path in sorted(SAMPLE_DOCS.iterdir()))
+    chats = read_conversations(QA / "sample_docs_conversations.jsonl")
+    facts = [fact for c in chats for t in c.turns for fact in t.expect]
+    assert [f for f in facts if not any(spelling in documents for spelling in f)] == []  # each said in the documents
     unanswerable = read_questions(QA / "sample_docs_unanswerable.jsonl")
-    assert len(answerable) >= 10 and all(c.turns[0].answerable for c in answerable)
-    assert len(unanswerable) >= 5 and not any(c.turns[0].answerable for c in unanswerable)
-    conversations = read_conversations(QA / "sample_docs_conversations.jsonl")
-    turns = [t for c in conversations for t in c.turns]
-    assert all(len(c.turns) >= 2 for c in conversations)
-    assert sum(not t.answerable for t in turns) >= 4 and sum(t.answerable for t in turns) >= 10
+    lines = (QA / "sample_docs_unanswerable.jsonl").read_text().splitlines()
+    assert [c.turns[0].question for c in unanswerable] == [json.loads(line)["question"] for line in lines]
+    assert not any(c.turns[0].answerable for c in unanswerable)

@@ -1,54 +1,118 @@
-"""The accuracy harness end to end on real records with SmolLM2, plus its pieces."""
+"""The accuracy harness end to end on generated LongBench-format records with SmolLM2, plus its pieces."""
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
-
 from epic_rag_bench import accuracy
-from epic_rag.agreement import greedy_decode, kl_divergence, teacher_forced_logits
+from epic_rag_bench.accuracy import QUESTION_TEMPLATE, SYSTEM, context_budget
 from epic_rag_bench.needle import fitting_lengths
 from epic_rag_bench.records import NEEDLE, NEEDLE_QUESTION, fit_chunks, make_chunker, needle_records, split_passages
+from epic_rag_bench.scoring import best_over_golds, exact_match, token_f1
+
+from epic_rag.agreement import greedy_decode, kl_divergence, teacher_forced_logits
 from epic_rag.cli import main as cli_main
 
-from .conftest import SHARED_DATA
+from .conftest import ROOT, SAMPLE_DOCS
 
-WIKI = SHARED_DATA / "longbench" / "2wikimqa_dev.jsonl"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_NEW, MAX_CONTEXT = 12, 500
+RECORDS = [  # (id, question, gold answers, the sample documents whose paragraphs are its passages)
+    ("norrvik-staff", "How many people does Norrvik Instruments employ?", ["142"], ["company.md", "skylark_s3.md"]),
+    ("skylark-price", "What is the list price of one Skylark S3?", ["14,500 euros"], ["support.md", "skylark_s3.md"]),
+]
 
 
-def _run(out, *extra: str, methods: str = "full,attnlink:16") -> int:
+def longbench_file(folder: Path) -> Path:
+    """Two records in LongBench's jsonl format (`input`, `context` of "Passage N:" units, `answers`),
+    their passages the paragraphs of the shipped sample documents."""
+    path = folder / "longbench.jsonl"
+    lines = []
+    for record_id, question, answers, docs in RECORDS:
+        paragraphs = [p for d in docs for p in (SAMPLE_DOCS / d).read_text().split("\n\n")[1:]]
+        context = "".join(f"Passage {i}:\n{p.strip()}\n" for i, p in enumerate(paragraphs, 1))
+        lines.append(json.dumps({"_id": record_id, "input": question, "context": context, "answers": answers}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _run(out: Path, *extra: str, methods: str = "full,attnlink:16") -> int:
     return cli_main(
-        ["bench", "accuracy", "--data", str(WIKI), "--limit", "2", "--model", "smollm2-135m-instruct",
-         "--methods", methods, "--max-context-tokens", "500", "--max-new-tokens", "6",
+        ["bench", "accuracy", "--data", str(longbench_file(out)), "--limit", "2", "--model", "smollm2-135m-instruct",
+         "--methods", methods, "--max-context-tokens", str(MAX_CONTEXT), "--max-new-tokens", str(MAX_NEW),
          "--out", str(out / "bench"), "--reference-cache", str(out / "references"), *extra]
     )  # fmt: skip
 
 
+def kl_rows(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) of each row of logits, written out here."""
+    p, q = torch.log_softmax(reference.double(), -1), torch.log_softmax(other.double(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def by_hand(engine, question: str, context: str, methods: list[str]) -> dict:
+    """What the harness should save for one record, recomputed apart from it: full recompute's
+    answer by greedy decoding with the plain HF model, each method's answer from its own prefill
+    and its distributions along full recompute's answer (teacher forced)."""
+    chunks = fit_chunks(engine, split_passages(context), context_budget(engine, question, MAX_NEW, MAX_CONTEXT))
+    layout = engine.layout(QUESTION_TEMPLATE.format(question=question), chunks, SYSTEM)
+    answer, steps = [], []
+    with torch.no_grad():
+        while len(answer) < MAX_NEW and not (answer and answer[-1] in engine.stop_token_ids):
+            ids = torch.cat([layout.ids, torch.tensor(answer, dtype=torch.int64)])
+            steps.append(engine.model(input_ids=ids[None]).logits[0, -1])
+            answer.append(int(steps[-1].argmax()))
+    text = engine.tokenizer.decode([t for t in answer if t not in engine.stop_token_ids], skip_special_tokens=True)
+    out = {"tokens": layout.length, "full": {"answer": text.strip()}}
+    for method in methods:
+        pre = engine.prefill(layout, method, extra_capacity=MAX_NEW + 1)
+        forced = torch.cat([pre.logits[None], engine.extend(pre, answer[:-1], at=layout.length)])
+        kl = kl_rows(torch.stack(steps), forced)
+        own = engine.generate_layout(layout, method, max_new_tokens=MAX_NEW).text.strip()
+        out[method] = {"answer": own, "kl_vs_full": float(kl[0]), "kl_tf_vs_full": float(kl.mean())}
+        if method.startswith("attnlink:"):
+            k = int(method.split(":")[1])  # every chunk follows the system prefix: all are displaced
+            recomputed = sum(min(k, c.token_ids.numel()) for c in layout.chunks) + layout.question.token_ids.numel()
+            out[method]["recomputed_fraction"] = recomputed / layout.length
+    return out
+
+
 @pytest.mark.slow
-def test_harness_writes_json_table_and_plot_and_resumes(tmp_path, monkeypatch):
+def test_harness_writes_json_table_and_plot_and_resumes(tmp_path, monkeypatch, smollm2):
     assert _run(tmp_path) == 0
     out = tmp_path / "bench"
     result = json.loads((out / "results.json").read_text())
     assert result["model"] == "smollm2-135m-instruct" and result["records"] == 2
     assert list(result["methods"]) == ["full", "attnlink:16"]
-    full, link = result["methods"]["full"], result["methods"]["attnlink:16"]
-    for m in (full, link):
-        assert 0.0 <= m["f1"] <= 1.0 and m["ttft_s"] > 0 and 0.0 <= m["agree_vs_full"] <= 1.0
-        assert m["kl_vs_full"] >= 0.0 and m["kl_tf_vs_full"] >= 0.0
-    assert full["recomputed_fraction"] == 1.0 and full["kl_vs_full"] == 0.0 and full["agree_vs_full"] == 1.0
-    assert 0.0 < link["recomputed_fraction"] < 0.5
-    assert link["kl_vs_full"] > 0.0  # linked chunks are not the same cache as a full prefill
-    assert 200 < result["mean_tokens"] <= 500
+    rows = [json.loads(line) for line in (tmp_path / "longbench.jsonl").read_text().splitlines()]
+    want = {r["_id"]: by_hand(smollm2, r["input"], r["context"], ["attnlink:16", "reuse"]) for r in rows}
+    saved = {r["id"]: r for r in (json.loads(p.read_text()) for p in (out / "records").glob("*.json"))}
+    assert saved.keys() == want.keys()
+    for record_id, record in saved.items():
+        full, link, expected = record["methods"]["full"], record["methods"]["attnlink:16"], want[record_id]
+        assert full["answer"] == expected["full"]["answer"] and full["tokens"] == link["tokens"] == expected["tokens"]
+        assert link["answer"] == expected["attnlink:16"]["answer"]
+        assert link["agree_vs_full"] == float(link["answer"] == full["answer"])
+        assert link["recomputed_fraction"] == pytest.approx(expected["attnlink:16"]["recomputed_fraction"])
+        for name in ("kl_vs_full", "kl_tf_vs_full"):
+            assert link[name] == pytest.approx(expected["attnlink:16"][name], rel=1e-3, abs=1e-6)
+    golds = {r["_id"]: r["answers"] for r in rows}
+    summary = result["methods"]
+    for method in ("full", "attnlink:16"):
+        f1 = [best_over_golds(token_f1, want[i][method]["answer"], golds[i]) for i in want]
+        assert summary[method]["f1"] == pytest.approx(statistics.fmean(f1))
+    assert summary["full"]["recomputed_fraction"] == 1.0 and summary["full"]["kl_vs_full"] == 0.0
+    assert result["mean_tokens"] == pytest.approx(statistics.fmean(w["tokens"] for w in want.values()))
 
     table = (out / "results.md").read_text().splitlines()
-    rows = [line for line in table if line.startswith("| full") or line.startswith("| attnlink:16")]
-    assert len(rows) == 2 and all(r.count("|") == 12 for r in rows)
+    lines = [line for line in table if line.startswith("| full") or line.startswith("| attnlink:16")]
+    assert len(lines) == 2 and all(r.count("|") == 12 for r in lines)
     assert (out / "f1_vs_ttft.png").read_bytes()[:8] == PNG_MAGIC
-    assert len(list((out / "records").glob("*.json"))) == 2
     assert len(list((tmp_path / "references").glob("*.safetensors"))) == 2
 
     original = accuracy.evaluate_record
@@ -69,8 +133,12 @@ def test_harness_writes_json_table_and_plot_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(accuracy, "_method_result", no_full_prefill)
     assert _run(tmp_path, methods="full,attnlink:16,reuse") == 0  # an added method: compared with the kept one
-    reuse = json.loads((out / "results.json").read_text())["methods"]["reuse"]
-    assert reuse["kl_vs_full"] > 0.0 and 0.0 <= reuse["agree_vs_full"] <= 1.0
+    for record_id, record in (
+        (r["id"], r) for r in (json.loads(p.read_text()) for p in (out / "records").glob("*.json"))
+    ):
+        reuse = record["methods"]["reuse"]
+        assert reuse["answer"] == want[record_id]["reuse"]["answer"]
+        assert reuse["kl_vs_full"] == pytest.approx(want[record_id]["reuse"]["kl_vs_full"], rel=1e-3, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -107,10 +175,14 @@ def test_method_lists_expand_bare_numbers_into_the_previous_family():
     assert accuracy.parse_methods("full,reuse") == ["full", "reuse"]
 
 
-def test_kl_divergence_is_zero_for_equal_and_positive_for_different_logits():
+def test_kl_divergence_is_zero_for_equal_and_the_textbook_value_for_different_logits():
     a = torch.tensor([[2.0, 0.0, -1.0]])
     assert kl_divergence(a, a).item() == pytest.approx(0.0, abs=1e-12)
-    assert kl_divergence(a, torch.zeros(1, 3)).item() > 0.1
+    z = math.exp(2) + 1 + math.exp(-1)
+    p = [math.exp(2) / z, 1 / z, math.exp(-1) / z]
+    against_uniform = sum(pi * math.log(pi * 3) for pi in p)  # KL(p || uniform over 3) = sum p log(p / (1/3))
+    assert kl_divergence(a, torch.zeros(1, 3)).item() == pytest.approx(against_uniform, rel=1e-12)
+    assert kl_divergence(torch.zeros(1, 3), a).item() == pytest.approx(sum(math.log(1 / 3 / pi) / 3 for pi in p))
 
 
 def test_passages_are_split_at_their_labels():
@@ -137,8 +209,8 @@ def test_unknown_chunking_is_refused(smollm2):
 
 
 @pytest.mark.slow
-def test_needle_records_place_the_needle_at_each_depth(smollm2):
-    records = needle_records(smollm2, SHARED_DATA / "haystack", [1024], [0.0, 0.5, 1.0])
+def test_needle_records_place_the_needle_at_each_depth(smollm2, essay_folder):
+    records = needle_records(smollm2, essay_folder, [1024], [0.0, 0.5, 1.0])
     assert [r.meta["depth"] for r in records] == [0.0, 0.5, 1.0]
     for r in records:
         text = " ".join(r.chunks)
@@ -164,19 +236,16 @@ def test_summary_reports_medians_of_times_and_kl_and_means_of_scores():
 
 
 @pytest.mark.slow
-def test_needle_lengths_are_lowered_to_what_the_model_takes(smollm2):
+def test_needle_lengths_are_lowered_to_what_the_model_takes(smollm2, essay_folder):
     budget = accuracy.context_budget(smollm2, NEEDLE_QUESTION, 32, None)
     assert budget < smollm2.max_context
     lengths = fitting_lengths(smollm2, [1024, smollm2.max_context], budget, 512)
     assert lengths[0] == 1024 and 1024 < lengths[1] < budget
-    (last,) = needle_records(smollm2, SHARED_DATA / "haystack", lengths[1:], [1.0])
+    (last,) = needle_records(smollm2, essay_folder, lengths[1:], [1.0])
     assert sum(smollm2.chunk_token_ids(c).numel() for c in last.chunks) <= budget  # the needle at 100% stays in
     assert last.chunks[-1].rstrip().endswith(NEEDLE[-30:])
     with pytest.raises(ValueError, match="no haystack fits"):
         fitting_lengths(smollm2, [1024], 600, 512)
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -202,9 +271,12 @@ def test_qa_bench_retrieves_from_a_folder_and_scores_every_method(tmp_path):
     assert {r["question"] for r in records.values()} == {
         json.loads(line)["question"] for line in questions.read_text().splitlines()[:2]
     }
+    golds = {json.loads(line)["question"]: json.loads(line)["answers"] for line in questions.read_text().splitlines()}
     for r in records.values():
-        full = r["methods"]["full"]
-        assert 0.0 <= full["exact"] <= full["f1"] <= 1.0 and r["methods"]["guided:16"]["kl_vs_full"] >= 0.0
+        for method, row in r["methods"].items():  # the scores of the answer the harness saved
+            assert row["exact"] == best_over_golds(exact_match, row["answer"], golds[r["question"]]), method
+            assert row["f1"] == pytest.approx(best_over_golds(token_f1, row["answer"], golds[r["question"]])), method
+        assert r["methods"]["guided:16"]["kl_vs_full"] > 0.0  # a linked cache is not full prefill's
 
     assert run(tmp_path / "neighbour", "full,reuse", "--compile", "neighbour") == 0
     settings = json.loads((tmp_path / "neighbour" / "results.json").read_text())

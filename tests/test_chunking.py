@@ -8,12 +8,12 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from epic_rag_bench.data import default_data_dir
 from epic_rag.chunking import KVSplit, count_tokens_with, fixed_size_split, load_sentence_encoder, sentence_spans
 from epic_rag.model import resolve_model_folder
 
+from .conftest import STDLIB_DOCS
+
 pytestmark = pytest.mark.slow  # the real SmolLM2 tokenizer and MiniLM encoder
-DATA = default_data_dir()
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 
@@ -29,7 +29,8 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def essay() -> str:
-    return (DATA / "haystack" / "addiction.txt").read_text()
+    """A shipped pydoc page, prose paragraphs between signatures: 1,747 SmolLM2 tokens."""
+    return (STDLIB_DOCS / "base64.txt").read_text()
 
 
 def _check_cover(text: str, chunks) -> None:

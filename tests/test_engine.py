@@ -77,7 +77,7 @@ def test_stats_count_tokens_and_every_computed_entry_as_a_miss():
 def test_chunk_ids_from_add_chunks(tmp_path):
     engine = tiny_engine(store=KVStore(tmp_path))
     ids = engine.add_chunks(CHUNKS)
-    assert all(i.startswith("kv:") for i in ids)
+    assert ids == [f"kv:{engine.key_of(engine.chunk_token_ids(c))}" for c in CHUNKS]  # the store keys
     by_id = engine.generate("q", ids[::-1], policy=FullReuse(), max_new_tokens=3)
     by_text = engine.generate("q", CHUNKS[::-1], policy=FullReuse(), max_new_tokens=3)
     assert by_id.token_ids == by_text.token_ids and by_id.stats.store_misses == 1  # only the prefix

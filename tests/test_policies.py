@@ -92,7 +92,8 @@ def test_prefix_only_equals_full_recompute(family):
     engine = tiny_engine(family)
     layout = engine.layout(QUESTION, TEXT_CHUNKS, system="You answer from the context.")
     prefix = engine.prefill(layout, PrefixOnly())
-    assert prefix.stats.tokens_reused == layout.prefix_end > 0 and prefix.stats.store_hits == 0
+    assert layout.prefix_end == 1 + len("You answer from the context.\n\n")  # bos, then one token a character
+    assert prefix.stats.tokens_reused == layout.prefix_end and prefix.stats.store_hits == 0
     again = engine.prefill(layout, PrefixOnly())  # the prefix now comes from the store
     assert again.stats.store_hits == 1
     full = engine.prefill(layout, FullRecompute()).logits
@@ -166,7 +167,9 @@ def test_a_policy_with_a_layer_hook_defined_outside():
     assert (result.cache.values[0, 0, :, span] - full[0].values[0, :, span]).abs().max() < 1e-4
     reuse = engine.prefill(layout, FullReuse()).cache
     assert torch.equal(result.cache.values[1, 0, :, span], reuse.values[1, 0, :, span])
-    assert engine.generate(QUESTION, TEXT_CHUNKS, system="sys", policy=policy, max_new_tokens=2).token_ids
+    out = engine.generate(QUESTION, TEXT_CHUNKS, system="sys", policy=policy, max_new_tokens=2)
+    assert out.token_ids[0] == int(result.logits.argmax())  # decodes from the hooked prefill
+    assert out.stats.tokens_recomputed == layout.question.token_ids.numel()
 
 
 # ---- query-guided selection --------------------------------------------------------------------

@@ -18,6 +18,7 @@ from .conftest import tiny_engine
 from .live_servers import RedisServer
 from .test_store import FP, OTHER_FP, assert_same, make_entry
 
+pytestmark = pytest.mark.redis  # a real redis-server (so slow too)
 CHUNKS = ["the first chunk of text.", "a second chunk, longer than the first one.", "third."]
 
 

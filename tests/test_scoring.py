@@ -1,7 +1,6 @@
 """LongBench-style answer scoring on hand-made cases."""
 
 import pytest
-
 from epic_rag_bench.scoring import best_over_golds, normalize_answer, rouge_l, token_f1
 
 

@@ -40,18 +40,18 @@ def test_three_chunk_question_is_answered(smollm2):
 
 
 def test_attnlink_is_closer_to_full_than_reuse(smollm2, essays):
-    """Mean first-token KL over 8 prompts of 4 essay chunks (~256 tokens each)."""
+    """Mean first-token KL over 8 prompts of 4 essay chunks (256 tokens each, from the shipped stdlib docs)."""
     questions = [
         "What is the main argument of the author?",
         "Summarize the text above.",
         "Which essay mentions startups?",
     ]
     kls = {"attnlink": [], "reuse": []}
-    for i, start in enumerate(range(0, 40, 5)):
+    for i, start in enumerate(range(0, 24, 3)):  # 8 windows over the 29 essays
         chunks = [smollm2.tokenizer.decode(smollm2.tokenize(essays[start + j])[:256]) for j in range(4)]
         layout = smollm2.layout(questions[i % 3], chunks)
         full = smollm2.prefill(layout, FullRecompute()).logits
         kls["attnlink"].append(kl(full, smollm2.prefill(layout, AttnLink(16)).logits))
         kls["reuse"].append(kl(full, smollm2.prefill(layout, FullReuse()).logits))
     mean = {k: sum(v) / len(v) for k, v in kls.items()}
-    assert mean["attnlink"] < 0.8 * mean["reuse"], mean  # measured here: 0.153 vs 0.274
+    assert mean["attnlink"] < 0.8 * mean["reuse"], mean  # measured here: 0.111 vs 0.217

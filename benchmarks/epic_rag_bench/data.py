@@ -1,4 +1,8 @@
-"""Benchmark inputs read in place from the shared evaluation data (never copied)."""
+"""Where the benchmarks' essays come from: a folder named by `--essays`, else by `$EPIC_RAG_DATA`.
+
+The evaluation data (plain-text essays under ``haystack/``, LongBench jsonl files under
+``longbench/``) is not part of the project: it is read in place wherever the user keeps it.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,26 @@ import os
 from pathlib import Path
 
 DATA_ENV = "EPIC_RAG_DATA"
-WORKSPACE_DATA = Path("/work/shared/data")
+HAYSTACK = "haystack"  # the essays' folder inside the data folder
 
 
-def default_data_dir() -> Path:
-    """``$EPIC_RAG_DATA``; else a ``shared/data`` folder beside the checkout or above it;
-    else the workspace's ``/work/shared/data``."""
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env)
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "data"
-        if candidate.is_dir():
-            return candidate
-    return WORKSPACE_DATA
+def essay_folder(folder: Path | str | None) -> Path:
+    """The folder of .txt essays: `folder` (the `--essays` option) when given, else
+    ``$EPIC_RAG_DATA/haystack``; with neither, an error that names both."""
+    if folder is not None:
+        return Path(folder)
+    data = os.environ.get(DATA_ENV)
+    if not data:
+        raise FileNotFoundError(
+            f"no essays to read: pass --essays DIR (a folder of .txt essays) or set {DATA_ENV} "
+            f"to a data folder holding {HAYSTACK}/"
+        )
+    return Path(data) / HAYSTACK
 
 
-def essay_chunks(engine, n: int, tokens: int, folder: Path | None = None) -> list[str]:
-    """`n` chunk texts of about `tokens` tokens each, one per essay, cut at a token boundary."""
-    folder = Path(folder) if folder is not None else default_data_dir() / "haystack"
-    files = sorted(folder.glob("*.txt"))
+def essay_chunks(engine, n: int, tokens: int, folder: Path) -> list[str]:
+    """`n` chunk texts of about `tokens` tokens each, one per essay of `folder`, cut at a token boundary."""
+    files = sorted(Path(folder).glob("*.txt"))
     if len(files) < n:
         raise FileNotFoundError(f"need {n} essays under {folder}, found {len(files)}; pass --essays DIR")
     out = []

@@ -13,7 +13,7 @@ from pathlib import Path
 from epic_rag.policies import parse_policy
 
 from .accuracy import add_common_arguments, context_budget, format_table, load_engine, run_records
-from .data import default_data_dir
+from .data import DATA_ENV, essay_folder
 from .records import NEEDLE, NEEDLE_QUESTION, fit_chunks, needle_records
 
 DEFAULT_METHODS = ("full", "reuse", "cacheblend:0.15", "attnlink:16", "guided:16")
@@ -59,7 +59,9 @@ def fitting_lengths(engine, lengths: list[int], budget: int, chunk_tokens: int) 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--essays", type=Path, default=None, help="folder of .txt essays (default: shared haystack)")
+    parser.add_argument(
+        "--essays", type=Path, default=None, help=f"folder of .txt essays (default: ${DATA_ENV}/haystack)"
+    )
     parser.add_argument(
         "--lengths", type=_ints, default=[1024, 2048, 4096, 8192], help="context tokens, e.g. 1024,4096"
     )
@@ -73,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     for m in args.methods:
         parse_policy(m)
+    essays = essay_folder(args.essays)  # before the model loads: a missing folder fails at once
     engine = load_engine(args)
-    essays = args.essays or default_data_dir() / "haystack"
     budget = context_budget(engine, NEEDLE_QUESTION, args.max_new_tokens, args.max_context_tokens)
     lengths = fitting_lengths(engine, args.lengths, budget, args.chunk_tokens)
     records = needle_records(engine, essays, lengths, [d / 100 for d in args.depths], args.chunk_tokens)
