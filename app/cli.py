@@ -89,6 +89,7 @@ def _question_args(p: argparse.ArgumentParser, name: str) -> None:
         help="recompute policy, e.g. attnlink:16, guided:16, full, reuse, cacheblend:0.15 (default: the one "
         "`epic-rag calibrate` recorded for the index, else the model's default, shown by `epic-rag info`)",
     )
+    add_ttft_target(p)
     p.add_argument(
         "--model", type=model_arg, default=None, help="must be the model that built the index (default: that one)"
     )
@@ -191,6 +192,31 @@ def model_arg(spec: str) -> str:
     return spec
 
 
+def add_ttft_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ttft-target",
+        type=ttft_target_arg,
+        default=None,
+        metavar="SECONDS|Nx",
+        help="spend a time-to-first-token target instead of a fixed policy: seconds (e.g. 2.5) or a multiple of "
+        "reuse's (e.g. 3x); full recompute (exact) when it fits, else the most chunk-head tokens that fit "
+        "(the budget policy; not with --policy)",
+    )
+
+
+def ttft_target_arg(text: str) -> str:
+    """argparse type: a TTFT target, checked as the budget policy it becomes."""
+    return policy_arg(f"budget:{text.strip()}")
+
+
+def chosen_policy(args: argparse.Namespace) -> str | None:
+    """--policy, or the budget policy of --ttft-target (giving both is an error), or None."""
+    target = getattr(args, "ttft_target", None)
+    if target is not None and args.policy is not None:
+        raise ValueError("give --policy or --ttft-target, not both: a TTFT target chooses the policy")
+    return target or args.policy
+
+
 def policy_arg(spec: str) -> str:
     """argparse type: a bad policy is refused before anything loads (the spec, checked)."""
     try:
@@ -279,7 +305,7 @@ def open_app(args: argparse.Namespace, manifest: IndexManifest | None = None):
     return open_index(
         args.index,
         model=args.model,
-        policy=args.policy,
+        policy=chosen_policy(args),
         max_new_tokens=getattr(args, "max_new_tokens", 256),
         top_k=args.top_k,
         kv_url=args.kv_url,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from epic_rag.app.cli import MAX_QUESTION_TOKENS, add_kv_args, model_arg, open_app, policy_arg
+from epic_rag.app.cli import MAX_QUESTION_TOKENS, add_kv_args, add_ttft_target, model_arg, open_app, policy_arg
 
 from epic_rag.cli import require_extra
 
@@ -29,6 +29,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy", type=policy_arg, default=None, help="default recompute policy (a request may ask for another)"
     )
+    add_ttft_target(p)
     p.add_argument(
         "--model", type=model_arg, default=None, help="must be the model that built the index (default: that one)"
     )
