@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,8 +30,6 @@ from .live_servers import ENV, epic_server, free_port, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "examples" / "sample_docs"
-MODEL = "smollm2-135m-instruct"
 KEY = "test-key-0123456789"
 ARTIFACTS = Path(os.environ.get("EPIC_RAG_TEST_ARTIFACTS", ROOT / "tests" / "artifacts"))
 QUESTIONS = [
@@ -58,10 +57,10 @@ def turns(*pairs: tuple[str, str]) -> list[ChatMessage]:
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory) -> Path:
+def index_dir(tmp_path_factory, sample_index) -> Path:
+    """A copy of the session's sample index: the servers write the prompt head's KV into it."""
     path = tmp_path_factory.mktemp("serve") / "docs-index"
-    done = epic_rag("index", str(SAMPLES), "--index", str(path), "--model", MODEL)
-    assert done.returncode == 0, done.stderr
+    shutil.copytree(sample_index, path)
     return path
 
 
