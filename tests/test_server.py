@@ -30,6 +30,8 @@ from .live_servers import ENV, epic_server, free_port, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "examples" / "sample_docs"  # also used by test_replicas and test_vector_store
+MODEL = "smollm2-135m-instruct"
 KEY = "test-key-0123456789"
 ARTIFACTS = Path(os.environ.get("EPIC_RAG_TEST_ARTIFACTS", ROOT / "tests" / "artifacts"))
 QUESTIONS = [
