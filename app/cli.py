@@ -66,6 +66,13 @@ def _index_args(index: argparse.ArgumentParser) -> None:
         help="keep nodes and vectors in a Chroma server's collection (replaced by this build), for replicas "
         "on several machines (default: FAISS files in the index folder)",
     )
+    index.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="then measure the candidate policies on the new index against full recompute and record the best "
+        "(as `epic-rag calibrate` does)",
+    )
+    index.add_argument("--calibrate-samples", type=int, default=12, metavar="N", help="questions for --calibrate")
     add_kv_args(index)
     index.set_defaults(func=_index)
 
@@ -164,10 +171,8 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from epic_rag.calibration import format_scores
-
     from .calibrate import calibrate_index
-    from .manifest import MANIFEST, read_manifest
+    from .manifest import read_manifest
 
     manifest = read_manifest(args.index)  # fail on a bad index folder before loading any model
     scores, best = calibrate_index(
@@ -178,9 +183,17 @@ def _calibrate(args: argparse.Namespace) -> int:
         seed=args.seed,
         manifest=manifest,
     )
-    print(format_scores(scores, best))
-    print(f"\nrecommended: {best} (recorded in {args.index}/{MANIFEST}; ask, chat and open_index now use it)")
+    _print_calibration(scores, best, args.index)
     return 0
+
+
+def _print_calibration(scores: list, best: str, index: str) -> None:
+    from epic_rag.calibration import format_scores
+
+    from .manifest import MANIFEST
+
+    print(format_scores(scores, best))
+    print(f"\nrecommended: {best} (recorded in {index}/{MANIFEST}; ask, chat and open_index now use it)")
 
 
 def model_arg(spec: str) -> str:
@@ -252,11 +265,17 @@ def _index(args: argparse.Namespace) -> int:
         for b, t in zip(store.backends, store.stats().tiers, strict=True)
         if b.persistent
     )
+    manifest = read_manifest(args.index)
     print(report.summary())
     print(
-        f"indexed {read_manifest(args.index).nodes} chunks from {args.docs_dir} into {args.index} "
+        f"indexed {manifest.nodes} chunks from {args.docs_dir} into {args.index} "
         f"with {args.model} in {time.perf_counter() - start:.1f} s; KV store: {tiers}"
     )
+    if args.calibrate:
+        from .calibrate import calibrate_index
+
+        scores, best = calibrate_index(args.index, samples=args.calibrate_samples, engine=app.engine, manifest=manifest)
+        _print_calibration(scores, best, args.index)
     return 0
 
 
