@@ -237,56 +237,58 @@ class QueryGuided(RecomputePolicy):
         return torch.cat([positions, candidates[top]]).sort().values
 
 
-class Rescaled(RecomputePolicy):
+class _Adjusted(RecomputePolicy):
+    """Another policy's selection, with something done to the chunk tokens it leaves reused."""
+
+    def __init__(self, inner: RecomputePolicy) -> None:
+        self.inner, self.rescale, self.shift = inner, inner.rescale, inner.shift
+
+    def select(self, layout: PromptLayout) -> torch.Tensor:
+        return self.inner.select(layout)
+
+    def refine(self, layout: PromptLayout, positions: torch.Tensor, probe: Probe) -> torch.Tensor:
+        return self.inner.refine(layout, positions, probe)
+
+    def layer_hook(self, layout: PromptLayout) -> LayerHook | None:
+        return self.inner.layer_hook(layout)
+
+    def with_timing(self, timing: TimeModel) -> RecomputePolicy:
+        inner = self.inner.with_timing(timing)
+        return self if inner is self.inner else self.around(inner)
+
+    @abstractmethod
+    def around(self, inner: RecomputePolicy) -> RecomputePolicy:
+        """The same adjustment around another inner policy."""
+
+
+class Rescaled(_Adjusted):
     """Another policy's selection, with APE attention rescaling on what stays reused."""
 
     def __init__(self, inner: RecomputePolicy, rescale: AttentionRescale) -> None:
-        if isinstance(inner, Rescaled):
-            inner = inner.inner
-        self.inner, self.rescale, self.shift = inner, rescale, inner.shift
+        super().__init__(inner.inner if isinstance(inner, Rescaled) else inner)
+        self.rescale = rescale
 
     @property
     def spec(self) -> str:
         return f"{self.inner.spec}+{self.rescale.spec}"
 
-    def select(self, layout: PromptLayout) -> torch.Tensor:
-        return self.inner.select(layout)
-
-    def refine(self, layout: PromptLayout, positions: torch.Tensor, probe: Probe) -> torch.Tensor:
-        return self.inner.refine(layout, positions, probe)
-
-    def layer_hook(self, layout: PromptLayout) -> LayerHook | None:
-        return self.inner.layer_hook(layout)
-
-    def with_timing(self, timing: TimeModel) -> RecomputePolicy:
-        inner = self.inner.with_timing(timing)
-        return self if inner is self.inner else Rescaled(inner, self.rescale)
+    def around(self, inner: RecomputePolicy) -> RecomputePolicy:
+        return Rescaled(inner, self.rescale)
 
 
-class Shifted(RecomputePolicy):
-    """Another policy's selection, with the offset correction on what stays reused."""
+class Shifted(_Adjusted):
+    """Another policy's selection, with the KV offset correction on what stays reused."""
 
     def __init__(self, inner: RecomputePolicy, shift: OffsetCorrection) -> None:
-        if isinstance(inner, Shifted):
-            inner = inner.inner
-        self.inner, self.shift, self.rescale = inner, shift, inner.rescale
+        super().__init__(inner.inner if isinstance(inner, Shifted) else inner)
+        self.shift = shift
 
     @property
     def spec(self) -> str:
         return f"{self.inner.spec}+{self.shift.spec}"
 
-    def select(self, layout: PromptLayout) -> torch.Tensor:
-        return self.inner.select(layout)
-
-    def refine(self, layout: PromptLayout, positions: torch.Tensor, probe: Probe) -> torch.Tensor:
-        return self.inner.refine(layout, positions, probe)
-
-    def layer_hook(self, layout: PromptLayout) -> LayerHook | None:
-        return self.inner.layer_hook(layout)
-
-    def with_timing(self, timing: TimeModel) -> RecomputePolicy:
-        inner = self.inner.with_timing(timing)
-        return self if inner is self.inner else Shifted(inner, self.shift)
+    def around(self, inner: RecomputePolicy) -> RecomputePolicy:
+        return Shifted(inner, self.shift)
 
 
 class TtftBudget(RecomputePolicy):
