@@ -62,10 +62,10 @@ class TimeModel:
             return self._coef
 
     def _warm_up(self, length: int) -> None:
-        """Timed forwards spanning the shapes a selection chooses between: few and many tokens,
-        over a short and the full context."""
+        """Four short timed forwards: few and more tokens over the full context, and over a quarter
+        of it, so per-token and attention costs part; together about a tenth of a full prefill or less."""
         length = max(length, 32)
-        for n, context in ((8, length), (length // 4, length), (length, length), (length // 4, length // 4)):
+        for n, context in ((8, length), (64, length), (256, length), (64, length // 4)):
             n = max(1, min(n, context))
             self.observe(n, context, 0, self._measure(n, context))
 
