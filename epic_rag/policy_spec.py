@@ -11,7 +11,15 @@ from dataclasses import dataclass
 DEFAULT_POLICY = "attnlink:16"
 DEFAULT_RESCALE = (0.9, 1.0)  # (T, S) for a bare "+ape": the dev sweep (benchmarks/RESULTS.md)
 DEFAULT_SHIFT = 1.0  # weight of a bare "+shift": the whole mean offset
-CANDIDATES = ("attnlink:16", "guided:16", "reuse", "cacheblend:0.15")  # what `calibrate` compares by default
+CANDIDATES = (  # what `calibrate` compares by default
+    "attnlink:16",
+    "attnlink:16+shift:0.25",
+    "guided:16",
+    "guided:16:4:all",
+    "reuse",
+    "cacheblend:0.15",
+    "budget:2.5x+shift:0.25",
+)
 
 _ALIASES = {
     "full": "full",

@@ -195,7 +195,8 @@ def evaluate(
     summaries, answers = [], {}
     for policy in policies:
         policy_app = with_policy(app, policy)
-        for mode in ("ask", *(f"chat-{r}" for r in chat_retrievals)):
+        chat_modes = [f"chat-{r}" for r in chat_retrievals] if conversations else []  # no conversations: ask only
+        for mode in ("ask", *chat_modes):
             start = time.perf_counter()
             if mode == "ask":
                 results = run_ask(policy_app, questions, progress)
