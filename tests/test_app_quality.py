@@ -77,3 +77,24 @@ def test_shipped_questions_rest_on_the_sample_documents():
     lines = (QA / "sample_docs_unanswerable.jsonl").read_text().splitlines()
     assert [c.turns[0].question for c in unanswerable] == [json.loads(line)["question"] for line in lines]
     assert not any(c.turns[0].answerable for c in unanswerable)
+
+
+def test_questions_alone_are_asked_without_a_chat_pass(sample_index, smollm2, tmp_path):
+    import shutil
+
+    from epic_rag.app.index import open_index
+    from epic_rag_bench.app_quality import evaluate
+
+    from epic_rag import KVStore
+
+    from .conftest import smollm2_over
+
+    folder = tmp_path / "index"
+    shutil.copytree(sample_index, folder)
+    app = open_index(folder, engine=smollm2_over(smollm2, KVStore(folder / "kv")), max_new_tokens=12)
+    questions = read_questions(QA / "sample_docs_questions.jsonl")[:2]
+    summaries, answers = evaluate(app, ["reuse"], questions, [], ("latest",), progress=False)
+    assert [(s.mode, s.policy) for s in summaries] == [("ask", "reuse")]
+    assert list(answers) == ["ask/reuse"] and [a["question"] for a in answers["ask/reuse"]] == [
+        q.turns[0].question for q in questions
+    ]
