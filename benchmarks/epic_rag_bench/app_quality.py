@@ -240,7 +240,7 @@ def main(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.md").write_text(table + "\n")
-        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        settings = {k: v for k, v in vars(args).items() if k != "out" and not callable(v)}
         payload = {"settings": settings, "summaries": [asdict(s) for s in summaries], "answers": answers}
         (out / "results.json").write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
     return 0
