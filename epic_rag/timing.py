@@ -75,11 +75,12 @@ def _nonnegative_fit(rows: list[tuple[list[float], float]]) -> list[float]:
     negative (a handful of features: the active set settles in a few rounds)."""
     x = torch.tensor([r[0] for r in rows], dtype=torch.float64)  # [rows, features]
     y = torch.tensor([r[1] for r in rows], dtype=torch.float64)  # [rows]
-    active = list(range(x.shape[1]))
-    while True:
+    active = [j for j in range(x.shape[1]) if bool(x[:, j].any())]  # a feature never seen says nothing
+    while active:
         cols = x[:, active]
-        scale = cols.abs().amax(dim=0).clamp_min(1e-12)  # columns of very different magnitude
-        scaled = torch.linalg.lstsq(cols / scale, y[:, None]).solution[:, 0]  # weights of the scaled columns
+        scale = cols.abs().amax(dim=0)  # columns of very different magnitude
+        # SVD-based: stable when the features are (nearly) dependent, as a few warm-up shapes can be
+        scaled = torch.linalg.lstsq(cols / scale, y[:, None], driver="gelsd").solution[:, 0]
         solution = scaled / scale
         tolerance = 1e-9 * float(y.abs().max().clamp_min(1e-12))  # round-off is not a negative cost
         negative = [a for a, w in zip(active, scaled.tolist(), strict=True) if w < -tolerance]
@@ -90,5 +91,4 @@ def _nonnegative_fit(rows: list[tuple[list[float], float]]) -> list[float]:
                 coef[a] = w
             return coef
         active.remove(negative[0])
-        if not active:
-            return [0.0] * x.shape[1]
+    return [0.0] * x.shape[1]
