@@ -63,7 +63,7 @@ class TimeModel:
 
     def _warm_up(self, length: int) -> None:
         """Four short timed forwards: few and more tokens over the full context, and over a quarter
-        of it, so per-token and attention costs part; together about a tenth of a full prefill or less."""
+        of it, so per-token and attention costs part; 392 tokens at most in all, never a full prefill."""
         length = max(length, 32)
         for n, context in ((8, length), (64, length), (256, length), (64, length // 4)):
             n = max(1, min(n, context))
