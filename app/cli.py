@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from epic_rag.cli import require_extra
+from epic_rag.compile_spec import CompileMode
 from epic_rag.offline import DEFAULT_MODEL, check_model_spec
 from epic_rag.policy_spec import CANDIDATES, parse_spec
 
@@ -51,10 +52,11 @@ def _index_args(index: argparse.ArgumentParser) -> None:
     index.add_argument("--min-tokens", type=int, default=48, help="minimum chunk size unless a document is shorter")
     index.add_argument(
         "--compile",
-        choices=("alone", "neighbour"),
+        type=compile_arg,
         default="alone",
-        help="compile each chunk's KV alone (default) or after the chunk before it in its document "
-        "(lower KL at query time, about twice the indexing work; see README)",
+        metavar="MODE",
+        help="compile each chunk's KV alone (default), after the chunk before it in its document "
+        "(neighbour), or after the N chunks most similar to it (similar:N); see docs/methods.md",
     )
     index.add_argument(
         "--strict", action="store_true", help="refuse the folder if a file cannot be read (default: skip it)"
@@ -203,6 +205,14 @@ def model_arg(spec: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return spec
+
+
+def compile_arg(spec: str) -> str:
+    """argparse type: a compile mode in its canonical spelling ('similar' -> 'similar:5')."""
+    try:
+        return str(CompileMode.parse(spec))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_ttft_target(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.chat_engine import CondensePlusContextChatEngine, ContextChatEngine
 
 from epic_rag import DEFAULT_MODEL, EpicEngine, KVStore, RecomputePolicy
+from epic_rag.compile_spec import DEFAULT_SIMILAR, CompileMode
 from epic_rag.offline import builtin_name
 
 from .documents import ReadReport, read_documents
@@ -50,7 +51,6 @@ __all__ = [  # what callers import from here, the modules it draws on included
     "use_settings",
 ]
 
-COMPILE_MODES = ("alone", "neighbour")
 LONG_PREFILL_TOKENS = 4096  # a prefill computing this many tokens shows a progress bar
 
 
@@ -172,14 +172,15 @@ def build_index(
 ) -> RagApp:
     """Read, split, precompute KV, embed, and persist; returns the opened app (`strict`: refuse a
     folder with an unreadable file instead of skipping it; `documents`: the folder already read;
-    `compile`: "alone" or "neighbour", each chunk's KV compiled after the chunk before it;
+    `compile`: "alone", "neighbour" (each chunk's KV compiled after the chunk before it) or
+    "similar:N" (after the N chunks most similar to it, linked; see `epic_rag.compile_spec`);
     `kv_url`: a Redis server that gets every chunk's KV too, for replicas; it must answer;
     `vector_store`: ``chroma://host:port/collection`` keeps nodes and vectors in that Chroma
     collection, whose previous content this build replaces, instead of FAISS files)."""
     if vector_store is not None:
         parse_chroma_url(vector_store)  # a malformed URL fails before the model loads
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"unknown compile mode {compile!r}; choose one of {', '.join(COMPILE_MODES)}")
+    mode = CompileMode.parse(compile)
+    precompute = dict(context=mode.kind, n=mode.n or DEFAULT_SIMILAR, show_progress=show_progress)
     report = documents or read_documents(docs_dir, strict=strict, progress=show_progress)
     docs = report.documents
     index_dir = Path(index_dir)
@@ -198,7 +199,7 @@ def build_index(
         embed_model=embed,
         transformations=[
             parser,
-            EpicKVPrecompute(engine, show_progress=show_progress, neighbour_context=compile == "neighbour"),
+            EpicKVPrecompute(engine, embed, **precompute),
         ],
         show_progress=show_progress,
     )
@@ -215,7 +216,7 @@ def build_index(
         nodes=node_count(shared) if shared is not None else len(index.docstore.docs),
         chunking=parser_kwargs,
         documents_digest=report.digest,
-        compile=compile,
+        compile=str(mode),
         vector_store=vector_store,
     )
     manifest.write(index_dir)

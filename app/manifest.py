@@ -31,7 +31,7 @@ class IndexManifest(BaseModel):
     policy: str | None = None  # recommended by `epic-rag calibrate`; used unless a policy is given
     calibration: dict[str, Any] = Field(default_factory=dict)  # what the recommendation rests on
     documents_digest: str | None = None  # sha256 over the documents read (paths and bytes)
-    compile: str = "alone"  # chunk KV compiled alone, or after the chunk before it ("neighbour")
+    compile: str = "alone"  # chunk KV compiled "alone", after its predecessor ("neighbour") or "similar:N"
     vector_store: str | None = None  # chroma://host:port/collection; None: FAISS files in storage/
 
     def write(self, index_dir: str | Path) -> None:

@@ -27,9 +27,9 @@ from .cache import PositionalKVCache
 from .compile import chunk_contexts, encode_chunk
 from .decode import stream_answer
 from .forward import run_layers
-from .kv import ChunkKV
+from .kv import ChunkKV, CompileContext
 from .layout import PromptLayout, Segment
-from .model import check_supported, fingerprint, load_model, rotary_facts
+from .model import check_supported, fingerprint, kv_geometry, load_model, rotary_facts
 from .offline import DEFAULT_MODEL, builtin_policy
 from .policies import RecomputePolicy, parse_policy
 from .policy_spec import DEFAULT_POLICY
@@ -71,15 +71,13 @@ class EpicEngine:
         self.store = store if store is not None else KVStore()
         self.store.bind(self.fingerprint)
         self.prompt = PromptBuilder(tokenizer, self.fingerprint, chunk_separator, use_chat_template)
+        self.chunk_separator, self.use_chat_template = self.prompt.chunk_separator, self.prompt.use_chat_template
         self.chunks = ChunkRegistry(self.store, self.prompt.chunk_token_ids, self.prompt.key_of)
         self.lock = threading.RLock()
         install_rescaled_attention(self.model)
         self.timing = TimeModel(measure=forward_timer(self.model, self._new_cache))  # what budget policies spend
-        cfg = model.config
-        self.n_layers = cfg.num_hidden_layers
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.max_context = int(cfg.max_position_embeddings)
+        self.n_layers, self.kv_heads, self.head_dim = kv_geometry(model.config)
+        self.max_context = int(model.config.max_position_embeddings)
         self.stop_token_ids = self.prompt.stop_token_ids(getattr(model, "generation_config", None))
 
     @classmethod
@@ -104,14 +102,6 @@ class EpicEngine:
         return self.model.device
 
     @property
-    def chunk_separator(self) -> str:
-        return self.prompt.chunk_separator
-
-    @property
-    def use_chat_template(self) -> bool:
-        return self.prompt.use_chat_template
-
-    @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V one token takes in the model dtype, all layers."""
         return 2 * self.n_layers * self.kv_heads * self.head_dim * self.model.dtype.itemsize
@@ -122,47 +112,54 @@ class EpicEngine:
     def chunk_token_ids(self, text: str) -> torch.Tensor:
         return self.prompt.chunk_token_ids(text)
 
-    def key_of(self, token_ids: torch.Tensor, context_ids: torch.Tensor | None = None) -> str:
-        return self.prompt.key_of(token_ids, context_ids)
+    def key_of(self, token_ids: torch.Tensor, context: CompileContext | None = None) -> str:
+        return self.prompt.key_of(token_ids, context)
 
     # ---- compile (index time) ----------------------------------------------------------------
-    def encode(self, token_ids: torch.Tensor, context_ids: torch.Tensor | None = None) -> ChunkKV:
-        """The per-layer K/V of `token_ids` from position 0, alone or after `context_ids`."""
-        m = 0 if context_ids is None else context_ids.numel()
-        self._check_length(m + token_ids.numel(), 0)
+    def encode(self, token_ids: torch.Tensor, context: CompileContext | None = None) -> ChunkKV:
+        """The per-layer K/V of `token_ids` from position 0, alone or after `context`."""
+        n = token_ids.numel() + (0 if context is None else context.ids.numel())
+        self._check_length(n, 0)
         with self.lock:
-            cache = self._new_cache(m + token_ids.numel())
-            return encode_chunk(self.model, cache, token_ids, context_ids, self.rotary.inv_freq)
+            linked = [self.fetch(s)[0] for s in context.segments()] if context is not None and context.linked else []
+            return encode_chunk(self.model, self._new_cache(n), token_ids, context, self.rotary.inv_freq, linked)
 
     def fetch(
-        self, token_ids: torch.Tensor, key: str | None = None, context_ids: torch.Tensor | None = None
+        self, token_ids: torch.Tensor, key: str | None = None, context: CompileContext | None = None
     ) -> tuple[ChunkKV, bool]:
-        """(entry, was_hit): from the store, or computed (after `context_ids`), stored and
-        returned as stored."""
+        """(entry, was_hit): from the store, or computed (after `context`), stored and returned
+        as stored (later hits see the same: the first answer is not more exact than the next)."""
         with self.lock:
-            entry = self.store.get(key or self.key_of(token_ids, context_ids))
+            entry = self.store.get(key or self.key_of(token_ids, context))
             if entry is not None:
                 return entry, True
-            entry = self.store.stored_form(self.encode(token_ids, context_ids))
+            entry = self.store.stored_form(self.encode(token_ids, context))
             self.store.put(entry)
-        return entry, False  # as later hits will see it: the first answer is not more exact than the next
+        return entry, False
 
     def add_chunks(
-        self, texts: Sequence[str], progress: bool | None = None, after: Sequence[str | None] | None = None
+        self,
+        texts: Sequence[str],
+        progress: bool | None = None,
+        after: Sequence[str | None] | None = None,
+        link_after: Sequence[Sequence[str]] | None = None,
     ) -> list[str]:
         """Precompute and store the KV of each chunk text; returns their chunk ids ('kv:<hash>').
 
-        `after[i]`, when given and not None, is the text chunk i is compiled after (its
-        predecessor in its document: neighbour-context compile); its entry is a separate one."""
+        Each chunk is compiled alone, or after `after[i]` (a text computed in full before it, e.g.
+        its predecessor in its document), or after the prompt head and the texts `link_after[i]`
+        linked from their own cached KV (nearest last: similar-chunk compile); a separate entry."""
         ids = [self.chunk_token_ids(t) for t in texts]
-        contexts = chunk_contexts(texts, ids, after, self.chunk_token_ids)
+        known = dict(zip(texts, ids, strict=True))
+        ids_of = lambda t: known[t] if t in known else self.chunk_token_ids(t)  # noqa: E731
+        contexts = chunk_contexts(ids, ids_of, after, link_after, self.prompt.head_ids())
         out = []
         show = len(ids) > 1 if progress is None else progress
         pairs = zip(ids, contexts, strict=True)
-        for token_ids, context_ids in tqdm(pairs, total=len(ids), desc="compiling chunk KV", disable=not show):
-            key = self.key_of(token_ids, context_ids)
-            self.fetch(token_ids, key, context_ids)
-            self.chunks.remember(key, token_ids, context_ids)
+        for token_ids, context in tqdm(pairs, total=len(ids), desc="compiling chunk KV", disable=not show):
+            key = self.key_of(token_ids, context)
+            self.fetch(token_ids, key, context)
+            self.chunks.remember(key, token_ids, context)
             out.append(f"kv:{key}")
         return out
 

@@ -9,19 +9,42 @@ same angle for every token of the chunk. Values carry no position and are copied
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .quant import dequantize, quantize_keys, quantize_values
 
 
+@dataclass(frozen=True)
+class CompileContext:
+    """What a chunk attended to before its own tokens when it was compiled.
+
+    `ids` ([m] int64) were computed in full before it (neighbour compile) when `spans` is None;
+    otherwise they were linked from their own cached KV, one segment per span ([s] int64 token
+    counts: the prompt head, then the similar chunks, nearest last), as a query links chunks."""
+
+    ids: torch.Tensor
+    spans: torch.Tensor | None = None
+
+    @property
+    def linked(self) -> bool:
+        return self.spans is not None
+
+    def segments(self) -> list[torch.Tensor]:
+        """The linked segments' ids, in order (the whole context when it was computed)."""
+        if self.spans is None:
+            return [self.ids]
+        return list(torch.split(self.ids, self.spans.tolist()))
+
+
 @dataclass
 class ChunkKV:
     """Per-layer K/V of one token sequence, keys at base position 0.
 
-    Compiled alone by default; with `context_ids` it was compiled after those tokens (its
-    document predecessor) and keeps only its own K/V, rotated back to base position 0.
+    Compiled alone by default; with `context_ids` it was compiled after those tokens (computed,
+    or linked from their own entries when `context_spans` is set, see `CompileContext`) and
+    keeps only its own K/V, rotated back to base position 0.
     Stored as int8 (`to(torch.int8)`, see `quant`) keys and values come with their scales;
     `to` a float dtype gives K/V to link."""
 
@@ -31,6 +54,7 @@ class ChunkKV:
     context_ids: torch.Tensor | None = None  # [m] int64: what the tokens attended to before them
     key_scale: torch.Tensor | None = None  # [layers, kv_heads, 1, head_dim] fp32, only with int8 K/V
     value_scale: torch.Tensor | None = None  # [layers, kv_heads, n, 1] fp32, only with int8 K/V
+    context_spans: torch.Tensor | None = None  # [s] int64: the context's linked segments (None: computed)
 
     def __post_init__(self) -> None:
         n = self.token_ids.numel()
@@ -47,6 +71,13 @@ class ChunkKV:
                 f"int8 K/V need scales {want}, others none"
             )
 
+    @property
+    def context(self) -> CompileContext | None:
+        """What the chunk was compiled after (None: alone)."""
+        if self.context_ids is None:
+            return None
+        return CompileContext(self.context_ids, self.context_spans)
+
     def __len__(self) -> int:
         return self.token_ids.numel()
 
@@ -59,6 +90,7 @@ class ChunkKV:
     def nbytes(self) -> int:
         """Bytes of every tensor held: ids, K/V and, for int8, the scales."""
         tensors = (self.token_ids, self.keys, self.values, self.context_ids, self.key_scale, self.value_scale)
+        tensors += (self.context_spans,)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def head(self, n: int) -> ChunkKV:
@@ -67,13 +99,12 @@ class ChunkKV:
         if n == len(self):
             return self
         value_scale = None if self.value_scale is None else self.value_scale[:, :, :n]
-        return ChunkKV(
-            self.token_ids[:n],
-            self.keys[:, :, :n],
-            self.values[:, :, :n],
-            self.context_ids,
-            self.key_scale,
-            value_scale,
+        return replace(
+            self,
+            token_ids=self.token_ids[:n],
+            keys=self.keys[:, :, :n],
+            values=self.values[:, :, :n],
+            value_scale=value_scale,
         )
 
     def covering(self, token_ids: torch.Tensor, key: str | None = None) -> ChunkKV:
@@ -91,12 +122,12 @@ class ChunkKV:
             return self
         if dtype == torch.int8:
             (keys, key_scale), (values, value_scale) = quantize_keys(self.keys), quantize_values(self.values)
-            return ChunkKV(self.token_ids, keys, values, self.context_ids, key_scale, value_scale)
+            return replace(self, keys=keys, values=values, key_scale=key_scale, value_scale=value_scale)
         if self.quantized:
             keys = dequantize(self.keys, self.key_scale, dtype)
             values = dequantize(self.values, self.value_scale, dtype)
-            return ChunkKV(self.token_ids, keys, values, self.context_ids)
-        return ChunkKV(self.token_ids, self.keys.to(dtype), self.values.to(dtype), self.context_ids)
+            return replace(self, keys=keys, values=values, key_scale=None, value_scale=None)
+        return replace(self, keys=self.keys.to(dtype), values=self.values.to(dtype))
 
 
 def rotation_angles(inv_freq: torch.Tensor, offset: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

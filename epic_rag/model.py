@@ -89,17 +89,22 @@ def check_supported(config) -> None:
         )
 
 
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head size) of a HF decoder config: the shape of its KV cache."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, config.num_key_value_heads, head_dim
+
+
 def rotary_facts(model) -> RotaryFacts:
     """Inverse frequencies of the loaded model, checked against its head size."""
-    config = model.config
     rotary = model.model.rotary_emb
     inv_freq = rotary.inv_freq.detach().float().cpu()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = kv_geometry(model.config)[2]
     if inv_freq.numel() * 2 != head_dim:
         raise UnsupportedModelError(
             f"unsupported model: rotary embeddings cover {inv_freq.numel() * 2} of {head_dim} head dimensions"
         )
-    return RotaryFacts(inv_freq=inv_freq, rope_type=_rope_parameters(config).get("rope_type", "default"))
+    return RotaryFacts(inv_freq=inv_freq, rope_type=_rope_parameters(model.config).get("rope_type", "default"))
 
 
 def fingerprint(model) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .kv import CompileContext
 from .layout import PromptLayout
 from .store import entry_key
 
@@ -45,9 +46,11 @@ class PromptBuilder:
             raise ValueError("empty chunk text: drop empty documents or chunks before adding them")
         return self.tokenize(text + self.chunk_separator)
 
-    def key_of(self, token_ids: torch.Tensor, context_ids: torch.Tensor | None = None) -> str:
-        """The store key of a token sequence's KV under this model (compiled after `context_ids`)."""
-        return entry_key(self.fingerprint, token_ids, context_ids)
+    def key_of(self, token_ids: torch.Tensor, context: CompileContext | None = None) -> str:
+        """The store key of a token sequence's KV under this model (compiled after `context`)."""
+        if context is None:
+            return entry_key(self.fingerprint, token_ids)
+        return entry_key(self.fingerprint, token_ids, context.ids, context.spans)
 
     def stop_token_ids(self, generation_config) -> set[int]:
         """Ids that end an answer: the model's and tokenizer's EOS plus known end-of-turn tokens."""
@@ -63,15 +66,24 @@ class PromptBuilder:
         """[system + template head][chunks...][question + template tail], each tokenized alone."""
         if not question or not question.strip():
             raise ValueError("the question is empty: there is nothing to answer")
-        if self.use_chat_template:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": _TEMPLATE_SLOT}
-            ]
-            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            head, tail = rendered.split(_TEMPLATE_SLOT)
-            return self.layout_from_text(head, chunks, question + tail, add_bos=False)
-        head = system + self.chunk_separator if system else ""
-        return self.layout_from_text(head, chunks, question, add_bos=True)
+        head, tail = self._around_chunks(system)
+        return self.layout_from_text(head, chunks, question + tail, add_bos=not self.use_chat_template)
+
+    def head_ids(self, system: str | None = None) -> torch.Tensor:
+        """The ids every prompt with this system text starts with, before its chunks: [m]."""
+        prefix = self.layout("?", [], system).prefix
+        return prefix.token_ids if prefix is not None else torch.empty(0, dtype=torch.int64)
+
+    def _around_chunks(self, system: str | None) -> tuple[str, str]:
+        """(text before the chunks, text after the question) of the prompt format."""
+        if not self.use_chat_template:
+            return (system + self.chunk_separator if system else ""), ""
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": _TEMPLATE_SLOT}
+        ]
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        head, tail = rendered.split(_TEMPLATE_SLOT)
+        return head, tail
 
     def layout_from_text(
         self, prefix_text: str, chunks: Sequence[Resolved], suffix_text: str, add_bos: bool = False

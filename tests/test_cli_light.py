@@ -46,6 +46,12 @@ def test_a_bad_policy_is_refused_before_anything_heavy_loads():
     assert "bad policy 'attnlink:x'" in stderr
 
 
+def test_a_bad_compile_mode_is_refused_before_anything_heavy_loads():
+    result, stderr = run_cli(["index", "docs", "--index", "idx", "--compile", "similar:0"])
+    assert result == {"code": 2, "heavy": []}
+    assert "compile mode 'similar:0': N must be at least 1" in stderr
+
+
 def test_a_missing_extra_names_the_pip_command():
     with pytest.raises(cli.MissingExtraError, match=r"pip install 'epic-rag\[serve\]'") as err:
         cli.require_extra("serve", "serve", "json", "a_module_that_is_not_installed")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from epic_rag import FullRecompute, FullReuse, KVStore, rotate_keys
+from epic_rag.kv import CompileContext
 from epic_rag.store.codec import DamagedEntry, decode, encode
 
 from .conftest import tiny_engine
@@ -18,7 +19,7 @@ QUESTION = "How long is the warranty?"
 def test_entry_equals_the_chunk_keys_of_a_joint_prefill(family):
     engine = tiny_engine(family, bos=False)
     pred, ids = engine.chunk_token_ids(FIRST), engine.chunk_token_ids(SECOND)
-    entry = engine.encode(ids, context_ids=pred)
+    entry = engine.encode(ids, CompileContext(pred))
     joint = engine.encode(torch.cat([pred, ids]))
     m = pred.numel()
     assert torch.allclose(rotate_keys(entry.keys, engine.rotary.inv_freq, m), joint.keys[:, :, m:], atol=1e-5)
@@ -80,15 +81,15 @@ def test_the_indexing_hook_compiles_after_the_previous_node_and_a_new_process_fi
     engine = tiny_engine("qwen2", store=store)
     first, second, other = TextNode(text=FIRST), TextNode(text=SECOND), TextNode(text="Unrelated words.")
     second.relationships[NodeRelationship.PREVIOUS] = RelatedNodeInfo(node_id=first.node_id)
-    EpicKVPrecompute(engine, neighbour_context=True, show_progress=False)([first, second, other])
+    EpicKVPrecompute(engine, context="neighbour", show_progress=False)([first, second, other])
     ids = [engine.chunk_token_ids(t) for t in (FIRST, SECOND, "Unrelated words.")]
     assert first.metadata[KV_KEY] == engine.key_of(ids[0])  # a document's first node: alone
-    assert second.metadata[KV_KEY] == engine.key_of(ids[1], ids[0])
+    assert second.metadata[KV_KEY] == engine.key_of(ids[1], CompileContext(ids[0]))
     assert other.metadata[KV_KEY] == engine.key_of(ids[2])
 
     later = tiny_engine("qwen2", store=store)  # another process: nothing remembered, same store
     found_ids, key = later.known_chunk(SECOND, second.metadata[KV_KEY])
     assert key == second.metadata[KV_KEY] and torch.equal(found_ids, ids[1])
-    assert torch.equal(later.chunks.context_of(key), ids[0])  # a lost entry would be compiled the same way
+    assert torch.equal(later.chunks.context_of(key).ids, ids[0])  # a lost entry would be compiled the same way
     fresh = tiny_engine("qwen2", store=store)  # a key whose entry holds other tokens is not taken
     assert fresh.known_chunk("Unrelated words.", second.metadata[KV_KEY])[1] == engine.key_of(ids[2])

@@ -11,6 +11,7 @@ larger --limit) only computes what is missing.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -23,12 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from epic_rag.agreement import ReferenceCache, against_reference, greedy_decode
+from epic_rag.chunking import load_sentence_encoder
+from epic_rag.compile_spec import ALONE, CompileMode
 from epic_rag.engine import EpicEngine
 from epic_rag.offline import DEFAULT_MODEL
 from epic_rag.policies import parse_policy
 from epic_rag.store import STORAGE_DTYPES, KVStore
 
-from .records import CHUNKINGS, Record, fit_chunks, longbench_records, make_chunker
+from .records import CHUNKINGS, ChunkIndex, Record, fit_chunks, longbench_records, make_chunker
 from .scoring import best_over_golds, contains_answer, exact_match, rouge_l, token_f1
 
 SYSTEM = "Answer the question based on the given passages. Only give me the answer and do not output any other words."
@@ -83,6 +86,12 @@ def _method_result(engine, layout, policy, record: Record, max_new: int, referen
     return row, {}
 
 
+@functools.cache
+def _sentence_encoder():
+    """MiniLM, loaded once per process: the embedder a similar compile ranks each record's chunks by."""
+    return load_sentence_encoder()
+
+
 def answer_scores(answer: str, golds: list[str]) -> dict[str, float]:
     """Exact match, whether a gold answer is contained in it (a correct answer in a sentence), F1."""
     return {
@@ -106,12 +115,17 @@ def evaluate_record(
     max_context_tokens: int | None,
     done: dict,
     references: ReferenceCache,
+    compile: CompileMode = ALONE,
 ) -> dict:
-    """Metrics of every method in `methods` missing from `done` (method -> metrics) on `record`."""
+    """Metrics of every method in `methods` missing from `done` (method -> metrics) on `record`,
+    its chunks compiled under `compile` (after what `record.index` says; else one document)."""
     chunks = fit_chunks(engine, record.chunks, context_budget(engine, record.question, max_new, max_context_tokens))
     t0 = time.perf_counter()
-    after = record.after[: len(chunks)] if record.after is not None else None
-    chunk_ids = engine.add_chunks(chunks, progress=False, after=after)
+    if record.index is None and compile.kind != "alone":
+        embed = _sentence_encoder() if compile.kind == "similar" else None
+        record.index = ChunkIndex.of_document(record.chunks, embed)
+    index = record.index or ChunkIndex.of_document(record.chunks)
+    chunk_ids = engine.add_chunks(chunks, progress=False, **index.contexts(chunks, compile))
     index_s = time.perf_counter() - t0
     layout = engine.layout(QUESTION_TEMPLATE.format(question=record.question), chunk_ids, SYSTEM)
     engine.prefill(layout, "reuse")  # warm-up: caches the system prefix, warms kernels
@@ -153,6 +167,7 @@ def _mean(values: list[float]) -> float:
 def format_table(result: dict) -> str:
     """Markdown table of the summary, one row per method."""
     stored = f", KV stored as {result['store_dtype']}" if result.get("store_dtype") else ""
+    stored += f", chunk KV compiled {result['compile']}" if result.get("compile", "alone") != "alone" else ""
     head = (
         f"model {result['model']} ({result['dtype']}{stored}, {result['machine']}), {result['records']} records of "
         f"{result['data']}, chunking {result['chunking']}, mean {result['mean_tokens']:.0f} prompt tokens\n\n"
@@ -183,6 +198,7 @@ def _settings(args: argparse.Namespace, source: str) -> dict:
         "max_context_tokens": args.max_context_tokens,
         "max_new_tokens": args.max_new_tokens,
         "prompt": hashlib.sha256((SYSTEM + QUESTION_TEMPLATE).encode()).hexdigest()[:16],
+        **({"compile": args.compile} if args.compile != "alone" else {}),  # absent: folders from before the option
         **({"store_dtype": args.store_dtype} if args.store_dtype else {}),  # absent: folders from before the option
     }
 
@@ -213,6 +229,7 @@ def run_records(args: argparse.Namespace, engine: EpicEngine, records: list[Reco
     (out / "records").mkdir(parents=True, exist_ok=True)
     _check_settings(out, _settings(args, source))
     methods = list(dict.fromkeys(args.methods))
+    compile = CompileMode.parse(args.compile)
     per_method: dict[str, list[dict]] = {m: [] for m in methods}
     references = ReferenceCache(args.reference_cache)
     for record in tqdm(records, desc="records", unit="record"):
@@ -220,9 +237,8 @@ def run_records(args: argparse.Namespace, engine: EpicEngine, records: list[Reco
         saved = json.loads(path.read_text()) if path.exists() else {"id": record.id, "methods": {}}
         if not set(methods) <= saved["methods"].keys():
             done = {m: r for m, r in saved["methods"].items() if m in methods}
-            saved["methods"].update(
-                evaluate_record(engine, record, methods, args.max_new_tokens, args.max_context_tokens, done, references)
-            )
+            todo = (methods, args.max_new_tokens, args.max_context_tokens, done, references, compile)
+            saved["methods"].update(evaluate_record(engine, record, *todo))
             saved.update(question=record.question, answers=record.answers, meta=record.meta)
             _write_json(path, saved)
         for m in methods:
@@ -238,6 +254,7 @@ def run_records(args: argparse.Namespace, engine: EpicEngine, records: list[Reco
         "machine": machine(),
         "data": source,
         "chunking": args.chunking,
+        "compile": args.compile,
         "records": len(records),
         "mean_tokens": statistics.fmean(r["tokens"] for rows in per_method.values() for r in rows),
         "max_new_tokens": args.max_new_tokens,
@@ -259,6 +276,14 @@ def load_engine(args: argparse.Namespace) -> EpicEngine:
     return EpicEngine.from_pretrained(
         args.model, store=KVStore(dtype=args.store_dtype), dtype=dtype, device=args.device
     )
+
+
+def compile_mode(spec: str) -> str:
+    """argparse type: a compile mode in its canonical spelling."""
+    try:
+        return str(CompileMode.parse(spec))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_methods(text: str) -> list[str]:
@@ -291,6 +316,14 @@ def add_common_arguments(
         help="dtype the chunk KV is stored in, dequantized when linked (default: the model's --dtype)",
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--compile",
+        type=compile_mode,
+        default="alone",
+        metavar="MODE",
+        help="how chunk KV is compiled: alone (default), neighbour (after its predecessor) or similar:N "
+        "(after the N most similar chunks of the index, linked)",
+    )
     parser.add_argument(
         "--reference-cache",
         type=Path,

@@ -13,23 +13,22 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from epic_rag.chunking import KVSplit, count_tokens_with, load_sentence_encoder
 from epic_rag.policies import parse_policy
 
 from .accuracy import add_common_arguments, format_table, load_engine, run_records
-from .records import Record, read_jsonl
+from .records import ChunkIndex, Record, read_jsonl
 
 DOC_SUFFIXES = (".txt", ".md")
 METHODS = ("full", "reuse", "cacheblend:0.15", "attnlink:16", "guided:16")
 
 
-def corpus_chunks(
-    engine, corpus: Path, target_tokens: int, max_tokens: int, min_tokens: int
-) -> tuple[list[str], list[str | None]]:
+def corpus_chunks(engine, corpus: Path, target_tokens: int, max_tokens: int, min_tokens: int) -> ChunkIndex:
     """KVSplit chunks of every document in `corpus`, each as "file_name: NAME" + blank line + text,
-    and each chunk's predecessor in its document (None for a document's first chunk)."""
+    with each chunk's predecessor in its document (None for a document's first chunk)."""
     files = sorted(p for p in Path(corpus).iterdir() if p.is_file() and p.suffix in DOC_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no .txt or .md documents directly in {corpus}")
@@ -42,13 +41,15 @@ def corpus_chunks(
         texts = [header + c.text.strip() for c in pieces if c.text.strip()]
         chunks.extend(texts)
         previous.extend([None, *texts[:-1]])
-    return chunks, previous
+    return ChunkIndex(chunks, previous)
 
 
-def retrieve(chunks: list[str], questions: list[str], top_k: int) -> list[list[int]]:
-    """Indices of the `top_k` chunks most similar to each question, best first (cosine, MiniLM)."""
+def retrieve(index: ChunkIndex, questions: list[str], top_k: int) -> list[list[int]]:
+    """Indices of the `top_k` chunks most similar to each question, best first (cosine, MiniLM);
+    the chunks' embeddings stay on the index (similar compile uses them)."""
     encode = load_sentence_encoder()
-    docs = np.asarray(encode(chunks), dtype=np.float64)  # [chunks, dim]
+    docs = np.asarray(encode(index.texts), dtype=np.float64)  # [chunks, dim]
+    index.vectors = torch.from_numpy(docs.copy())
     queries = np.asarray(encode(questions), dtype=np.float64)  # [questions, dim]
     docs /= np.linalg.norm(docs, axis=1, keepdims=True).clip(1e-12)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True).clip(1e-12)
@@ -62,17 +63,17 @@ def qa_records(engine, args: argparse.Namespace) -> list[Record]:
     for i, row in enumerate(rows):
         if not {"question", "answers"} <= row.keys():
             raise ValueError(f"{args.questions}: question {i} needs 'question' and 'answers'")
-    chunks, previous = corpus_chunks(engine, args.corpus, args.target_tokens, args.max_tokens, args.min_tokens)
-    top = retrieve(chunks, [r["question"] for r in rows], args.top_k)
+    index = corpus_chunks(engine, args.corpus, args.target_tokens, args.max_tokens, args.min_tokens)
+    top = retrieve(index, [r["question"] for r in rows], args.top_k)
     return [
         Record(
             id=str(row.get("id", i)),
             question=row["question"],
-            chunks=[chunks[j] for j in picked],
+            chunks=[index.texts[j] for j in picked],
             answers=list(row["answers"]),
             dataset=args.questions.stem,
             meta={"hops": row.get("hops", 1)},
-            after=[previous[j] for j in picked] if args.compile == "neighbour" else None,
+            index=index,
         )
         for i, (row, picked) in enumerate(zip(rows, top, strict=True))
     ]
@@ -85,12 +86,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-tokens", type=int, default=256, help="KVSplit chunk size, as `epic-rag index`")
     parser.add_argument("--max-tokens", type=int, default=384)
     parser.add_argument("--min-tokens", type=int, default=48)
-    parser.add_argument(
-        "--compile",
-        choices=("alone", "neighbour"),
-        default="alone",
-        help="compile each chunk alone (default) or after its predecessor in its document",
-    )
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
     parser.add_argument("--out", type=Path, default=Path("bench-qa"), help="output folder (resumable)")
     add_common_arguments(parser, METHODS, max_new_tokens=24)
@@ -101,8 +96,6 @@ def main(args: argparse.Namespace) -> int:
     for m in args.methods:
         parse_policy(m)
     args.chunking = f"kvsplit {args.target_tokens}/{args.max_tokens}/{args.min_tokens}, top {args.top_k}"
-    if args.compile != "alone":
-        args.chunking += f", compiled after the {args.compile}"
     engine = load_engine(args)
     records = qa_records(engine, args)
     result = run_records(args, engine, records, f"{args.questions.name} over {args.corpus.name}")

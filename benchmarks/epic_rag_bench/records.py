@@ -15,6 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from epic_rag.compile import nearest_neighbours
+from epic_rag.compile_spec import CompileMode
+
 PASSAGE = re.compile(r"Passage \d+:")
 CHUNKINGS = ("passages", "kvsplit")
 NEEDLE = "The best thing to do in San Francisco is to eat a sandwich and sit in Dolores Park on a sunny day."
@@ -30,7 +35,39 @@ class Record:
     answers: list[str]
     dataset: str = ""
     meta: dict = field(default_factory=dict)
-    after: list[str | None] | None = None  # per chunk, the text it is compiled after (neighbour compile)
+    index: ChunkIndex | None = None  # the chunks it was retrieved from (None: its own chunks, one document)
+
+
+@dataclass
+class ChunkIndex:
+    """The chunks a benchmark's questions retrieve from, as an index holds them: what each
+    chunk is compiled after under a compile mode (see `epic_rag.compile_spec`)."""
+
+    texts: list[str]
+    previous: list[str | None]  # each chunk's predecessor in its document (None for a first chunk)
+    vectors: torch.Tensor | None = None  # [chunks, dim] embeddings, for similar compile
+    _near: dict[int, list[list[int]]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of_document(cls, texts: list[str], encode: Callable[[list[str]], object] | None = None) -> ChunkIndex:
+        """One document's chunks in order (embedded with `encode` when given)."""
+        vectors = torch.as_tensor(encode(texts), dtype=torch.float64) if encode is not None else None
+        return cls(texts, [None, *texts[:-1]], vectors)
+
+    def contexts(self, chunks: list[str], mode: CompileMode) -> dict:
+        """`add_chunks` keywords compiling `chunks` (texts of this index) under `mode`; a chunk
+        not in the index (cut to fit a prompt) is compiled alone or after the head only."""
+        if mode.kind == "alone":
+            return {}
+        where = {text: i for i, text in enumerate(self.texts)}
+        if mode.kind == "neighbour":
+            return {"after": [self.previous[where[c]] if c in where else None for c in chunks]}
+        if self.vectors is None:
+            raise ValueError("similar compile needs the index's embeddings")
+        if mode.n not in self._near:
+            self._near[mode.n] = nearest_neighbours(self.vectors, mode.n)
+        near = self._near[mode.n]
+        return {"link_after": [[self.texts[j] for j in near[where[c]]] if c in where else [] for c in chunks]}
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:

@@ -34,8 +34,8 @@ class KVBackend(ABC):
     """Storage for (ChunkKV, model fingerprint) pairs under `entry_key` keys.
 
     A persistent tier must validate what it reads: an entry that is damaged, or whose
-    content is not what its key names (``entry_key(fingerprint, entry.token_ids,
-    entry.context_ids) != key``), is deleted, counted as corrupted, logged as a WARNING and reported as None.
+    content is not what its key names (``entry_key`` of its ids and compile context differs
+    from ``key``), is deleted, counted as corrupted, logged as a WARNING and reported as None.
     An entry of another model under its own correct key is sound: return it.
     """
 

@@ -1,7 +1,8 @@
 """Bytes of one stored entry: the format every persistent tier writes and reads.
 
 An entry is a safetensors blob with tensors ``token_ids``, ``keys`` and ``values``
-(and ``context_ids`` for an entry compiled after its neighbour; ``key_scale`` and
+(``context_ids`` for an entry compiled after other text, and ``context_spans`` when that
+text was linked from cached KV; ``key_scale`` and
 ``value_scale`` for an int8 one) and metadata ``format`` (version), ``fingerprint``
 (the model that made it) and ``sha256`` (of the tensors' bytes, in that order). The
 checksum catches bit flips that still parse; the version lets a later format refuse old
@@ -46,6 +47,8 @@ def encode(entry: ChunkKV, fingerprint: str) -> bytes:
     }
     if entry.context_ids is not None:
         tensors["context_ids"] = entry.context_ids.detach().cpu().contiguous()  # [m] int64
+    if entry.context_spans is not None:
+        tensors["context_spans"] = entry.context_spans.detach().cpu().contiguous()  # [s] int64
     if entry.quantized:
         tensors["key_scale"] = entry.key_scale.detach().cpu().contiguous()  # [layers, kv_heads, 1, head_dim]
         tensors["value_scale"] = entry.value_scale.detach().cpu().contiguous()  # [layers, kv_heads, n, 1]
@@ -69,6 +72,7 @@ def decode(blob: bytes, key: str | None = None) -> tuple[ChunkKV, str]:
             tensors.get("context_ids"),
             tensors.get("key_scale"),
             tensors.get("value_scale"),
+            tensors.get("context_spans"),
         )
         checksum = _checksum(tensors)
     except (SafetensorError, ValueError, KeyError, RuntimeError, struct.error) as err:
@@ -80,7 +84,7 @@ def decode(blob: bytes, key: str | None = None) -> tuple[ChunkKV, str]:
     fingerprint = metadata.get("fingerprint")
     if not fingerprint:
         raise DamagedEntry("no model fingerprint in the metadata")
-    if key is not None and entry_key(fingerprint, entry.token_ids, entry.context_ids) != key:
+    if key is not None and entry_key(fingerprint, entry.token_ids, entry.context_ids, entry.context_spans) != key:
         raise DamagedEntry("content does not match its key (copied or renamed)")
     return entry, fingerprint
 
@@ -113,9 +117,10 @@ def _format_of(entry: ChunkKV) -> str:
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the raw bytes of token_ids, keys, values (context_ids, key_scale, value_scale), in that order."""
+    """sha256 over the raw bytes of token_ids, keys, values (context_ids, key_scale, value_scale,
+    context_spans), in that order."""
     digest = hashlib.sha256()
-    for name in ("token_ids", "keys", "values", "context_ids", "key_scale", "value_scale"):
+    for name in ("token_ids", "keys", "values", "context_ids", "key_scale", "value_scale", "context_spans"):
         if name in tensors:
             digest.update(tensors[name].contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()

@@ -24,15 +24,28 @@ STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 _HEX = frozenset(string.hexdigits.lower())
 
 
-def entry_key(model_fingerprint: str, token_ids: torch.Tensor, context_ids: torch.Tensor | None = None) -> str:
+def entry_key(
+    model_fingerprint: str,
+    token_ids: torch.Tensor,
+    context_ids: torch.Tensor | None = None,
+    context_spans: torch.Tensor | None = None,
+) -> str:
     """Content address (64 lowercase hex digits) of a token sequence's KV under one model;
-    with `context_ids`, of its KV compiled after those tokens (a different entry)."""
+    with `context_ids`, of its KV compiled after those tokens (a different entry), computed in
+    full, or linked from the cached KV of the segments `context_spans` counts (another entry)."""
     digest = hashlib.sha256(model_fingerprint.encode())
-    digest.update(token_ids.to(torch.int64).contiguous().cpu().numpy().tobytes())  # [n] int64
+    digest.update(_int64_bytes(token_ids))  # [n]
     if context_ids is not None and context_ids.numel():
+        if context_spans is not None:
+            digest.update(b"|linked after|")
+            digest.update(_int64_bytes(context_spans))  # [s]
         digest.update(b"|compiled after|")
-        digest.update(context_ids.to(torch.int64).contiguous().cpu().numpy().tobytes())  # [m] int64
+        digest.update(_int64_bytes(context_ids))  # [m]
     return digest.hexdigest()
+
+
+def _int64_bytes(ids: torch.Tensor) -> bytes:
+    return ids.to(torch.int64).contiguous().cpu().numpy().tobytes()
 
 
 def is_entry_key(key: str) -> bool:

@@ -3,7 +3,8 @@
 A chunk reaches the engine as text or as an id ('kv:<store key>'). The registry turns
 either into (token ids, store key): ids noted when the chunk was compiled or first seen,
 else the store's entry for the key. It also remembers what an entry was compiled after
-(neighbour compile), so an entry lost from every tier is compiled again the same way.
+(neighbour or similar-chunk compile), so an entry lost from every tier is compiled again
+the same way.
 Safe under concurrent callers: every read and write of its tables holds one lock.
 """
 
@@ -15,12 +16,13 @@ from collections.abc import Callable
 
 import torch
 
+from ..kv import CompileContext
 from .tiered import TieredStore
 
 CHUNK_ID = re.compile(r"^kv:([0-9a-f]{64})$")
 
 TokenizeChunk = Callable[[str], torch.Tensor]  # chunk text -> [n] ids it is cached with
-KeyOf = Callable[[torch.Tensor, "torch.Tensor | None"], str]  # (ids, compiled-after ids) -> store key
+KeyOf = Callable[[torch.Tensor, "CompileContext | None"], str]  # (ids, compiled after) -> store key
 
 
 class UnknownChunkError(KeyError):
@@ -38,18 +40,18 @@ class ChunkRegistry:
         self._tokenize_chunk = tokenize_chunk
         self._key_of = key_of
         self._ids: dict[str, torch.Tensor] = {}  # store key -> chunk ids seen in this process
-        self._contexts: dict[str, torch.Tensor] = {}  # store key -> ids its chunk was compiled after
+        self._contexts: dict[str, CompileContext] = {}  # store key -> what its chunk was compiled after
         self._lock = threading.Lock()
 
-    def remember(self, key: str, token_ids: torch.Tensor, context_ids: torch.Tensor | None = None) -> None:
+    def remember(self, key: str, token_ids: torch.Tensor, context: CompileContext | None = None) -> None:
         """Note the ids of a stored chunk (and what it was compiled after)."""
         with self._lock:
             self._ids[key] = token_ids
-            if context_ids is not None:
-                self._contexts[key] = context_ids
+            if context is not None:
+                self._contexts[key] = context
 
-    def context_of(self, key: str | None) -> torch.Tensor | None:
-        """The ids the chunk stored under `key` was compiled after, when known (None: alone)."""
+    def context_of(self, key: str | None) -> CompileContext | None:
+        """What the chunk stored under `key` was compiled after, when known (None: alone)."""
         if key is None:
             return None
         with self._lock:
@@ -64,13 +66,13 @@ class ChunkRegistry:
         entry = self._store.get(key)
         if entry is None:
             return None
-        self.remember(key, entry.token_ids, entry.context_ids)
+        self.remember(key, entry.token_ids, entry.context)
         return entry.token_ids
 
     def known_chunk(self, text: str, key: str | None = None) -> tuple[torch.Tensor, str]:
         """(ids, store key) of a chunk text: the ids noted under `key` when there are any; else
         the text tokenized once under `key` when the store's entry for `key` holds these tokens
-        (an entry compiled after its neighbour), or under its own plain key."""
+        (an entry compiled after other text), or under its own plain key."""
         if key is not None:
             with self._lock:
                 ids = self._ids.get(key)
@@ -81,7 +83,7 @@ class ChunkRegistry:
         if key is not None and key != plain:
             entry = self._store.get(key)
             if entry is not None and torch.equal(entry.token_ids, ids):
-                self.remember(key, ids, entry.context_ids)
+                self.remember(key, ids, entry.context)
                 return ids, key
         self.remember(plain, ids)
         return ids, plain

@@ -107,7 +107,7 @@ class TieredStore:
         """Store `entry` (in the storage dtype) in every tier; returns its key."""
         fingerprint = self._bound()
         entry = self.stored_form(entry)
-        key = entry_key(fingerprint, entry.token_ids, entry.context_ids)
+        key = entry_key(fingerprint, entry.token_ids, entry.context_ids, entry.context_spans)
         for backend in reversed(self._backends):
             backend.put(key, entry, fingerprint)
         return key

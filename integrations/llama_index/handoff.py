@@ -70,6 +70,7 @@ class Handoff:
 
 
 KV_KEY = "epic_rag_kv_key"  # node metadata: the store key of the node's chunk KV (hidden from LLM and embedder)
+CONTEXT_KEY = "epic_rag_compiled_after"  # node metadata: ids of the nodes its KV was compiled after (hidden too)
 
 _current: ContextVar[Handoff | None] = ContextVar("epic_rag_handoff", default=None)
 
