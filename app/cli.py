@@ -53,10 +53,11 @@ def _index_args(index: argparse.ArgumentParser) -> None:
     index.add_argument(
         "--compile",
         type=compile_arg,
-        default="alone",
+        default=None,
         metavar="MODE",
-        help="compile each chunk's KV alone (default), after the chunk before it in its document "
-        "(neighbour), or after the N chunks most similar to it (similar:N); see docs/methods.md",
+        help="compile each chunk's KV alone, after the chunk before it in its document (neighbour), or after "
+        "the N chunks most similar to it (similar:N); default: the model's measured default (alone for the "
+        "built-in models); see docs/methods.md",
     )
     index.add_argument(
         "--strict", action="store_true", help="refuse the folder if a file cannot be read (default: skip it)"

@@ -26,7 +26,7 @@ from llama_index.core.chat_engine import CondensePlusContextChatEngine, ContextC
 
 from epic_rag import DEFAULT_MODEL, EpicEngine, KVStore, RecomputePolicy
 from epic_rag.compile_spec import DEFAULT_SIMILAR, CompileMode
-from epic_rag.offline import builtin_name
+from epic_rag.offline import builtin_compile, builtin_name
 
 from .documents import ReadReport, read_documents
 from .history import BoundedHistory
@@ -164,7 +164,7 @@ def build_index(
     parser_kwargs: dict[str, Any] | None = None,
     strict: bool = False,
     documents: ReadReport | None = None,
-    compile: str = "alone",
+    compile: str | None = None,
     kv_url: str | None = None,
     kv_ttl_s: int | None = None,
     vector_store: str | None = None,
@@ -174,12 +174,13 @@ def build_index(
     folder with an unreadable file instead of skipping it; `documents`: the folder already read;
     `compile`: "alone", "neighbour" (each chunk's KV compiled after the chunk before it) or
     "similar:N" (after the N chunks most similar to it, linked; see `epic_rag.compile_spec`);
+    default: the built-in model's measured default, else "alone";
     `kv_url`: a Redis server that gets every chunk's KV too, for replicas; it must answer;
     `vector_store`: ``chroma://host:port/collection`` keeps nodes and vectors in that Chroma
     collection, whose previous content this build replaces, instead of FAISS files)."""
     if vector_store is not None:
         parse_chroma_url(vector_store)  # a malformed URL fails before the model loads
-    mode = CompileMode.parse(compile)
+    mode = CompileMode.parse(compile or builtin_compile(str(model)) or "alone")
     precompute = dict(context=mode.kind, n=mode.n or DEFAULT_SIMILAR, show_progress=show_progress)
     report = documents or read_documents(docs_dir, strict=strict, progress=show_progress)
     docs = report.documents

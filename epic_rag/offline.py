@@ -32,6 +32,7 @@ class OfflineModel:
     sha256: str  # of the assembled GGUF
     pip_install: str
     policy: str  # the default recompute policy, measured on this model (benchmarks/RESULTS.md)
+    compile: str = "alone"  # the default compile mode of its indexes, measured the same way
 
     def locate_parts(self) -> list[Path]:
         """Paths of the part files, or a clear error naming the pip command."""
@@ -83,6 +84,12 @@ def builtin_policy(spec: str) -> str | None:
     """The default policy measured for the built-in model `spec` names, or None for any other model."""
     name = builtin_name(spec)
     return OFFLINE_MODELS[name].policy if name else None
+
+
+def builtin_compile(spec: str) -> str | None:
+    """The default compile mode measured for the built-in model `spec` names, or None for any other."""
+    name = builtin_name(spec)
+    return OFFLINE_MODELS[name].compile if name else None
 
 
 def builtin_name(spec: str) -> str | None:

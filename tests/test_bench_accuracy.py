@@ -290,6 +290,24 @@ def test_qa_bench_retrieves_from_a_folder_and_scores_every_method(tmp_path):
         kl = [(r["methods"]["reuse"]["kl_vs_full"], reuse_kl[k]) for k, r in compiled.items()]
         assert all(abs(a - b) > 1e-6 for a, b in kl), mode  # the chunks' KV saw other text first
 
+    folders = [str(tmp_path / f) for f in ("alone", "neighbour", "similar-2")]
+    assert (
+        cli_main(
+            ["bench", "frontier", *folders, "--order", str(questions), "--skip", "1", "--out", str(tmp_path / "fr")]
+        )
+        == 0
+    )
+    frontier = json.loads((tmp_path / "fr" / "frontier.json").read_text())
+    assert frontier["records"] == [json.loads(questions.read_text().splitlines()[1])["id"]]  # the second question
+    points = {(p["compile"], p["method"]): p for p in frontier["points"]}
+    assert set(points) == {
+        ("alone", "guided:16"),
+        *((m, c) for m in ("alone", "neighbour", "similar:2") for c in ("full", "reuse")),
+    }
+    assert points["alone", "reuse"]["kl_removed"] == 0.0 and points["alone", "full"]["kl_removed"] == 1.0
+    assert points["alone", "full"]["frontier"]  # nothing beats full recompute's KL of 0
+    assert (tmp_path / "fr" / "frontier.png").stat().st_size > 0
+
 
 def test_exact_match_and_contained_answers_normalise():
     from epic_rag_bench.scoring import contains_answer, exact_match

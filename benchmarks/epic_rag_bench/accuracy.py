@@ -27,8 +27,9 @@ from epic_rag.agreement import ReferenceCache, against_reference, greedy_decode
 from epic_rag.chunking import load_sentence_encoder
 from epic_rag.compile_spec import ALONE, CompileMode
 from epic_rag.engine import EpicEngine
-from epic_rag.offline import DEFAULT_MODEL
+from epic_rag.offline import DEFAULT_MODEL, builtin_compile, builtin_policy
 from epic_rag.policies import parse_policy
+from epic_rag.policy_spec import DEFAULT_POLICY
 from epic_rag.store import STORAGE_DTYPES, KVStore
 
 from .records import CHUNKINGS, ChunkIndex, Record, fit_chunks, longbench_records, make_chunker
@@ -278,6 +279,16 @@ def load_engine(args: argparse.Namespace) -> EpicEngine:
     )
 
 
+def apply_model_defaults(args: argparse.Namespace) -> None:
+    """Fill in what the user left to the model: its default policy among the methods (so a default
+    that wins shows in every table) and its default compile mode. Checks every method's spec."""
+    if args.methods is None:
+        args.methods = list(dict.fromkeys([*args.default_methods, builtin_policy(args.model) or DEFAULT_POLICY]))
+    args.compile = args.compile or builtin_compile(args.model) or "alone"
+    for method in args.methods:
+        parse_policy(method)
+
+
 def compile_mode(spec: str) -> str:
     """argparse type: a compile mode in its canonical spelling."""
     try:
@@ -303,7 +314,13 @@ def add_common_arguments(
 ) -> None:
     """Options shared by `bench accuracy`, `bench qa` and `bench needle`."""
     parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, folder or .gguf")
-    parser.add_argument("--methods", type=parse_methods, default=list(methods), help=f"default {','.join(methods)}")
+    parser.add_argument(
+        "--methods",
+        type=parse_methods,
+        default=None,
+        help=f"policies, comma-separated (default {','.join(methods)} and the model's default policy)",
+    )
+    parser.set_defaults(default_methods=methods)
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument(
         "--max-context-tokens", type=int, default=None, help="cap the prompt (default: the model's limit)"
@@ -319,10 +336,10 @@ def add_common_arguments(
     parser.add_argument(
         "--compile",
         type=compile_mode,
-        default="alone",
+        default=None,
         metavar="MODE",
-        help="how chunk KV is compiled: alone (default), neighbour (after its predecessor) or similar:N "
-        "(after the N most similar chunks of the index, linked)",
+        help="how chunk KV is compiled: alone, neighbour (after its predecessor) or similar:N (after the N most "
+        "similar chunks of the index, linked); default: the model's default compile mode, else alone",
     )
     parser.add_argument(
         "--reference-cache",
@@ -346,8 +363,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    for m in args.methods:
-        parse_policy(m)
+    apply_model_defaults(args)
     engine = load_engine(args)
     records = longbench_records(args.data, make_chunker(engine, args.chunking), args.limit)[args.skip :]
     result = run_records(args, engine, records, args.data.name)

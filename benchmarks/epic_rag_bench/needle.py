@@ -10,9 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from epic_rag.policies import parse_policy
-
-from .accuracy import add_common_arguments, context_budget, format_table, load_engine, run_records
+from .accuracy import add_common_arguments, apply_model_defaults, context_budget, format_table, load_engine, run_records
 from .data import DATA_ENV, essay_folder
 from .records import NEEDLE, NEEDLE_QUESTION, fit_chunks, needle_records
 
@@ -73,8 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    for m in args.methods:
-        parse_policy(m)
+    apply_model_defaults(args)
     essays = essay_folder(args.essays)  # before the model loads: a missing folder fails at once
     engine = load_engine(args)
     budget = context_budget(engine, NEEDLE_QUESTION, args.max_new_tokens, args.max_context_tokens)

@@ -17,9 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from epic_rag.chunking import KVSplit, count_tokens_with, load_sentence_encoder
-from epic_rag.policies import parse_policy
 
-from .accuracy import add_common_arguments, format_table, load_engine, run_records
+from .accuracy import add_common_arguments, apply_model_defaults, format_table, load_engine, run_records
 from .records import ChunkIndex, Record, read_jsonl
 
 DOC_SUFFIXES = (".txt", ".md")
@@ -93,8 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    for m in args.methods:
-        parse_policy(m)
+    apply_model_defaults(args)
     args.chunking = f"kvsplit {args.target_tokens}/{args.max_tokens}/{args.min_tokens}, top {args.top_k}"
     engine = load_engine(args)
     records = qa_records(engine, args)
