@@ -317,3 +317,20 @@ def test_exact_match_and_contained_answers_normalise():
     assert contains_answer("Every buoy has a three-year warranty.", "three-year") == 1.0
     assert contains_answer("It costs 14,500 euros.", "1,200 euros") == 0.0
     assert contains_answer("in 2011", "201") == 0.0  # whole words only
+
+
+@pytest.mark.slow
+def test_compile_cost_compiles_every_entry_each_mode_needs(tmp_path, capsys):
+    """alone stores one entry per chunk (the sample docs make four); similar:2 also the plain
+    entries it links and the prompt head, each computed in a fresh store, timed against alone."""
+    argv = ["bench", "compile-cost", "--corpus", str(ROOT / "examples" / "sample_docs"), "--chunks", "4",
+            "--model", "smollm2-135m-instruct", "--modes", "alone,similar:2", "--out", str(tmp_path)]  # fmt: skip
+    assert cli_main(argv) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["compile"]: r for r in result["rows"]}
+    assert result["chunks"] == 4 and rows["alone"]["entries"] == 4
+    linked = rows["similar:2"]["chunks_linked"]
+    assert 2 <= linked <= 4 and rows["similar:2"]["entries"] == 4 + 1 + linked  # + the prompt head
+    assert rows["alone"]["vs_alone"] == 1.0
+    assert rows["similar:2"]["vs_alone"] == rows["similar:2"]["seconds"] / rows["alone"]["seconds"]
+    assert "| similar:2 |" in capsys.readouterr().out

@@ -18,6 +18,7 @@ HARNESSES = {
     "scaling": ("scaling", "TTFT and peak memory as the context grows; indexing cost"),
     "serve": ("serve", "concurrent clients through the HTTP server, per policy"),
     "app-quality": ("app_quality", "end-to-end quality of ask and chat on question files, per policy"),
+    "compile-cost": ("compile_cost", "index-time cost of each compile mode (alone, neighbour, similar:N)"),
     "frontier": ("frontier", "quality-vs-TTFT frontier of policy/compile pairs from saved accuracy/qa runs"),
 }
 
