@@ -224,11 +224,14 @@ def build_index(
     return RagApp(index, llm, embed, **app_kwargs)
 
 
-def index_is_current(index_dir: str | Path, documents: ReadReport, model: str) -> bool:
-    """True when `index_dir` holds an index of exactly these documents built with `model`."""
+def index_is_current(index_dir: str | Path, documents: ReadReport, model: str, compile: str | None = None) -> bool:
+    """True when `index_dir` holds an index of exactly these documents built with `model` (and,
+    when given, chunk KV compiled in mode `compile`)."""
     if not (Path(index_dir) / MANIFEST).is_file():
         return False
     manifest = read_manifest(index_dir)
+    if compile is not None and manifest.compile != str(CompileMode.parse(compile)):
+        return False
     return manifest.documents_digest == documents.digest and _same_model(manifest.model) == _same_model(model)
 
 

@@ -151,12 +151,17 @@ def test_the_indexing_hook_compiles_after_similar_nodes_and_a_new_process_finds_
 def test_build_index_similar_compile_embeds_once_and_records_the_mode(tmp_path, smollm2):
     """`compile="similar:2"` on the sample docs: every node's KV is its similar entry, found by
     a reopened index (all hits), and the manifest says how it was compiled."""
-    from epic_rag.app.index import build_index, open_index, read_manifest
+    from epic_rag.app.index import build_index, index_is_current, open_index, read_documents, read_manifest
     from epic_rag.integrations.llama_index.handoff import CONTEXT_KEY, KV_KEY
 
     engine = smollm2_over(smollm2, KVStore(tmp_path / "kv"))
     app = build_index(SAMPLE_DOCS, tmp_path, model=SMOLLM2, engine=engine, show_progress=False, compile="similar:2")
     assert read_manifest(tmp_path).compile == "similar:2"
+    documents = read_documents(SAMPLE_DOCS)
+    assert index_is_current(tmp_path, documents, SMOLLM2) and index_is_current(
+        tmp_path, documents, SMOLLM2, "similar:2"
+    )
+    assert not index_is_current(tmp_path, documents, SMOLLM2, "alone")
     nodes = list(app.index.docstore.docs.values())
     for node in nodes:
         entry = engine.store.get(node.metadata[KV_KEY])

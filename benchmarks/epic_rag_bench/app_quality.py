@@ -22,8 +22,9 @@ from epic_rag.integrations.llama_index.llm import EpicLLM
 from tqdm.auto import tqdm
 
 from epic_rag import DEFAULT_MODEL
-from epic_rag.offline import cache_dir
+from epic_rag.offline import builtin_compile, cache_dir
 
+from .accuracy import compile_mode
 from .scoring import contains_answer
 
 # Phrases by which an answer says the documents lack what was asked.
@@ -216,6 +217,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default="full,default", help="comma-separated; 'default' is the model's")
     parser.add_argument("--chat-retrieval", nargs="+", default=["latest"], choices=CHAT_RETRIEVAL)
     parser.add_argument("--top-k", type=int, default=3, help="chunks retrieved (default 3, as the CLI)")
+    parser.add_argument(
+        "--compile", type=compile_mode, default=None, metavar="MODE", help="compile mode of the index it builds"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--out", help="folder for results.md and results.json")
     parser.set_defaults(func=main)
@@ -223,17 +227,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     documents = read_documents(args.docs, progress=True)
-    index = args.index or str(cache_dir() / "app-quality" / f"{Path(args.docs).name}-{args.model}")
-    if index_is_current(index, documents, args.model):
+    args.compile = args.compile or builtin_compile(args.model) or "alone"
+    name = f"{Path(args.docs).name}-{args.model}" + ("" if args.compile == "alone" else f"-{args.compile}")
+    index = args.index or str(cache_dir() / "app-quality" / name.replace(":", "-"))
+    if index_is_current(index, documents, args.model, args.compile):
         app = open_index(index, model=args.model, max_new_tokens=args.max_new_tokens, top_k=args.top_k)
     else:
-        app = build_index(args.docs, index, model=args.model, documents=documents, top_k=args.top_k)
+        app = build_index(
+            args.docs, index, model=args.model, documents=documents, top_k=args.top_k, compile=args.compile
+        )
         app.llm.max_new_tokens = args.max_new_tokens
     policies = [app.engine.default_policy if p == "default" else p for p in args.policies.split(",") if p.strip()]
     questions = [c for path in args.questions for c in read_questions(path)]
     conversations = read_conversations(args.conversations) if args.conversations else []
     summaries, answers = evaluate(app, policies, questions, conversations, tuple(args.chat_retrieval))
-    table = "\n".join([f"model {args.model}, top-k {args.top_k}, documents {args.docs}", "", TABLE_HEAD])
+    head = f"model {args.model}, top-k {args.top_k}, documents {args.docs}, chunk KV compiled {args.compile}"
+    table = "\n".join([head, "", TABLE_HEAD])
     table += "\n" + "\n".join(s.row() for s in summaries)
     print(table)
     if args.out:
