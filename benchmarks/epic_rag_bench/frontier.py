@@ -6,8 +6,9 @@ policies; every (compile, policy) pair becomes one point, scored on the same rec
 --questions/--data file: the dev split). Quality is agreement with full recompute and the
 share of reuse's first-token KL removed, reuse meaning plain reuse of chunks compiled alone
 when a folder of alone-compiled chunks is among the inputs. A point is on the frontier when
-no other point is at least as fast and strictly better on KL. Prints a table, writes JSON
-and a PNG.
+no other point is at least as cheap and strictly better on KL, the cost being the TTFT
+relative to an anchor method of the same folder (--anchor), so folders timed on a busier
+machine compare fairly. Prints a table, writes it with JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from pathlib import Path
 from .accuracy import answer_scores
 from .records import read_jsonl
 
-ANCHOR = "attnlink:16"  # TTFTs are also given relative to this method in the same run (runs differ in load)
+ANCHOR = "attnlink:16"  # default --anchor: TTFTs are also given relative to it in the same folder
 METRICS = ("agree_vs_full", "contains", "f1", "kl_vs_full", "kl_tf_vs_full", "recomputed_fraction")
 
 
-def load_points(folders: list[Path], order: list[str] | None, skip: int) -> tuple[list[dict], list[str]]:
+def load_points(
+    folders: list[Path], order: list[str] | None, skip: int, anchor: str = ANCHOR
+) -> tuple[list[dict], list[str]]:
     """One point per (compile mode, method) over the record ids every folder holds; the ids used."""
     runs = []
     for folder in folders:
@@ -47,13 +50,14 @@ def load_points(folders: list[Path], order: list[str] | None, skip: int) -> tupl
         reuse_from = baseline if baseline is not None else records
         reuse_kl = _mean_of(reuse_from, ids, "reuse", "kl_vs_full")
         methods = set.intersection(*(set(records[i]["methods"]) for i in ids))
-        anchor = _median_of(records, ids, ANCHOR) if ANCHOR in methods else None
+        present = [a for a in anchor.split(",") if a in methods]  # the first one a folder holds
+        anchor_s = _median_of(records, ids, present[0]) if present else None
         for method in sorted(methods):
             rows = [records[i]["methods"][method] for i in ids]
             point = {"compile": compile, "method": method, "records": len(rows)}
             point.update({k: statistics.fmean(r[k] for r in rows) for k in METRICS if all(k in r for r in rows)})
             point["ttft_s"] = statistics.median(r["ttft_s"] for r in rows)
-            point["ttft_vs_anchor"] = point["ttft_s"] / anchor if anchor else None
+            point["ttft_vs_anchor"] = point["ttft_s"] / anchor_s if anchor_s else None
             if reuse_kl:
                 point["kl_removed"] = (reuse_kl - point["kl_vs_full"]) / reuse_kl
             points.append(point)
@@ -83,9 +87,9 @@ def mark_frontier(points: list[dict]) -> list[dict]:
     return points
 
 
-def format_table(points: list[dict]) -> str:
+def format_table(points: list[dict], anchor: str = ANCHOR) -> str:
     head = (
-        f"| compile | method | TTFT s (median) | x {ANCHOR} | recomputed | agree with full | correct | F1 | "
+        f"| compile | method | TTFT s (median) | x {anchor} | recomputed | agree with full | correct | F1 | "
         "KL first token | KL teacher-forced | reuse's KL removed | frontier |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|\n"
     )
@@ -144,6 +148,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--order", type=Path, default=None, help="the questions/data jsonl, to order records as asked (with --skip)"
     )
     parser.add_argument("--skip", type=int, default=0, help="leave out the first N records (the dev split)")
+    parser.add_argument(
+        "--anchor",
+        default=ANCHOR,
+        help=f"method whose median TTFT in each folder is the unit of cost (default {ANCHOR}); a comma list takes "
+        "the first a folder holds: name a row timed in the same run as the others when a folder's methods were "
+        "run at different times",
+    )
     parser.add_argument("--title", default="", help="plot title")
     parser.add_argument("--out", type=Path, default=Path("bench-frontier"), help="folder for frontier.json/.png")
     parser.set_defaults(func=main)
@@ -151,11 +162,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     order = record_order(args.order) if args.order is not None else None
-    points, ids = load_points(args.folders, order, args.skip)
+    points, ids = load_points(args.folders, order, args.skip, args.anchor)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "frontier.json").write_text(json.dumps({"records": ids, "points": points}, indent=2))
+    payload = {"records": ids, "anchor": args.anchor, "points": points}
+    (args.out / "frontier.json").write_text(json.dumps(payload, indent=2))
+    (args.out / "frontier.md").write_text(f"{len(ids)} records\n\n" + format_table(points, args.anchor))
     plot_frontier(points, args.out / "frontier.png", args.title or f"{len(ids)} records")
     print(f"{len(ids)} records\n")
-    print(format_table(points))
+    print(format_table(points, args.anchor))
     print(f"wrote {args.out / 'frontier.json'}, {args.out / 'frontier.png'}")
     return 0
