@@ -90,8 +90,10 @@ class PositionalKVCache:
         return keys[:, :, : self.length], values[:, :, : self.length]
 
     def export(self, token_ids: torch.Tensor, start: int = 0) -> ChunkKV:
-        """Copy the K/V of `token_ids`, written at start.., out as a standalone ChunkKV."""
+        """Copy the K/V of `token_ids`, written at start.., out as a standalone ChunkKV on the CPU,
+        where every store tier keeps entries (in pinned memory from CUDA, for fast copies back)."""
         end = start + token_ids.numel()
-        return ChunkKV(
-            token_ids.clone(), self.keys[:, 0, :, start:end].clone(), self.values[:, 0, :, start:end].clone()
-        )
+        keys, values = (t[:, 0, :, start:end].to("cpu", copy=True) for t in (self.keys, self.values))
+        if self.keys.is_cuda:
+            keys, values = keys.pin_memory(), values.pin_memory()
+        return ChunkKV(token_ids.detach().to("cpu", copy=True), keys, values)

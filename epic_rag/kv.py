@@ -130,10 +130,17 @@ class ChunkKV:
         return replace(self, keys=self.keys.to(dtype), values=self.values.to(dtype))
 
 
-def rotation_angles(inv_freq: torch.Tensor, offset: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of ``offset * inv_freq``, computed in float64: each [head_dim // 2], or
-    [n, head_dim // 2] for offsets given per token as an [n, 1] tensor."""
-    angles = offset * inv_freq.double()
+def rotation_angles(
+    inv_freq: torch.Tensor, offset: int | torch.Tensor, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``offset * inv_freq``, made on `device` in float64 (float32 on MPS, which
+    has none): each [head_dim // 2], or [n, head_dim // 2] for offsets given per token as an
+    [n, 1] tensor."""
+    device = torch.device(device)
+    wide = torch.float32 if device.type == "mps" else torch.float64
+    if torch.is_tensor(offset):
+        offset = offset.to(device=device, dtype=wide)
+    angles = offset * inv_freq.detach().to(device=device, dtype=wide)
     return angles.cos(), angles.sin()
 
 
@@ -148,7 +155,8 @@ def rotate_keys_into(
     """
     if isinstance(offset, int) and offset == 0:
         return dst.copy_(keys)
-    cos, sin = (t.to(dst.dtype) for t in rotation_angles(inv_freq, offset))
+    keys = keys.to(dst.device)  # a stored entry comes from the CPU: moved once, here
+    cos, sin = (t.to(dst.dtype) for t in rotation_angles(inv_freq, offset, dst.device))
     half = keys.shape[-1] // 2
     k1, k2 = keys[..., :half], keys[..., half:]
     d1, d2 = dst[..., :half], dst[..., half:]

@@ -112,7 +112,8 @@ def fingerprint(model) -> str:
 
     Every tensor contributes its name, shape, a float64 sum and a strided sample of
     its values, so a different checkpoint or dtype gives a different fingerprint
-    without hashing gigabytes at every load.
+    without hashing gigabytes at every load. The sum runs where the tensor is, without a
+    float64 copy of it, and only the 4,096-value sample leaves the device.
     """
     digest = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
@@ -125,8 +126,9 @@ def fingerprint(model) -> str:
             flat = tensor.detach().reshape(-1)
             step = max(1, flat.numel() // 4096)
             digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            digest.update(repr(float(flat.double().sum())).encode())
-            digest.update(flat[::step].float().contiguous().numpy().tobytes())
+            wide = torch.float32 if flat.device.type == "mps" else torch.float64  # MPS has no float64
+            digest.update(repr(float(flat.sum(dtype=wide))).encode())
+            digest.update(flat[::step].float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
