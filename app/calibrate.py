@@ -52,11 +52,14 @@ def calibrate_index(
     seed: int = 0,
     engine: EpicEngine | None = None,
     manifest: IndexManifest | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> tuple[list[PolicyScore], str]:
     """Measure `candidates` on chunk sets of this index and record the recommended policy in
-    its manifest (`manifest`: the one already read from `index_dir`); returns (scores, recommended)."""
+    its manifest (`manifest`: the one already read from `index_dir`; `device`, `dtype`: as
+    `open_index` takes them); returns (scores, recommended)."""
     manifest = manifest or read_manifest(index_dir)
-    app = open_index(index_dir, engine=engine, manifest=manifest)
+    app = open_index(index_dir, engine=engine, manifest=manifest, device=device, dtype=dtype)
     scores = calibrate(app.engine, calibration_samples(app, samples, seed), candidates, max_new_tokens=max_new_tokens)
     best = recommend(scores)
     manifest.policy = best

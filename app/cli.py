@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from epic_rag.cli import require_extra
 from epic_rag.compile_spec import CompileMode
+from epic_rag.devices import device_name, dtype_name
 from epic_rag.offline import DEFAULT_MODEL, check_model_spec
 from epic_rag.policy_spec import CANDIDATES, parse_spec
 
@@ -77,6 +78,7 @@ def _index_args(index: argparse.ArgumentParser) -> None:
     )
     index.add_argument("--calibrate-samples", type=int, default=12, metavar="N", help="questions for --calibrate")
     add_kv_args(index)
+    add_device_args(index, index_decides=False)
     index.set_defaults(func=_index)
 
 
@@ -128,7 +130,35 @@ def _question_args(p: argparse.ArgumentParser, name: str) -> None:
             help=f"earlier turns kept in the prompt, in tokens; older ones are dropped (default {HISTORY_TOKENS})",
         )
     add_kv_args(p)
+    add_device_args(p)
     p.set_defaults(func=_ask if name == "ask" else _chat)
+
+
+def add_device_args(p: argparse.ArgumentParser, index_decides: bool = True) -> None:
+    """--device and --dtype (checked without torch)."""
+    p.add_argument(
+        "--device",
+        type=_checked(device_name),
+        default=None,
+        help="cpu, cuda, cuda:N or mps (default: the best present: CUDA, then MPS, then the CPU)",
+    )
+    default = "the dtype the index was built in" if index_decides else "bfloat16 on CUDA, float32 elsewhere"
+    p.add_argument(
+        "--dtype", type=_checked(dtype_name), default=None, help=f"float32, bfloat16 or float16 (default: {default})"
+    )
+
+
+def _checked(parse):
+    """An argparse type from a parser that raises ValueError."""
+
+    def check(text: str) -> str:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    check.__name__ = parse.__name__
+    return check
 
 
 def add_kv_args(p: argparse.ArgumentParser) -> None:
@@ -170,6 +200,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer tokens compared per sample")
     p.add_argument("--seed", type=int, default=0)
+    add_device_args(p)
     p.set_defaults(func=_calibrate)
 
 
@@ -185,6 +216,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
         manifest=manifest,
+        device=args.device,
+        dtype=args.dtype,
     )
     _print_calibration(scores, best, args.index)
     return 0
@@ -269,6 +302,8 @@ def _index(args: argparse.Namespace) -> int:
         kv_url=args.kv_url,
         kv_ttl_s=args.kv_ttl,
         vector_store=args.vector_store,
+        device=args.device,
+        dtype=args.dtype,
     )
     store = app.engine.store
     tiers = ", ".join(
@@ -280,7 +315,8 @@ def _index(args: argparse.Namespace) -> int:
     print(report.summary())
     print(
         f"indexed {manifest.nodes} chunks from {args.docs_dir} into {args.index} "
-        f"with {args.model} in {time.perf_counter() - start:.1f} s; KV store: {tiers}"
+        f"with {args.model} ({manifest.dtype} on {app.engine.device}, compile {manifest.compile}) in "
+        f"{time.perf_counter() - start:.1f} s; KV store: {tiers}"
     )
     if args.calibrate:
         from .calibrate import calibrate_index
@@ -343,6 +379,8 @@ def open_app(args: argparse.Namespace, manifest: IndexManifest | None = None):
         kv_memory_bytes=args.kv_memory_mb << 20,
         local_kv=args.local_kv,
         manifest=manifest,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 

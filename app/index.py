@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from epic_rag.integrations.llama_index.embeddings import DEFAULT_EMBED_MODEL, SentenceTransformerEmbedding
 from epic_rag.integrations.llama_index.handoff import CallReport, Handoff, current_handoff, set_handoff
 from epic_rag.integrations.llama_index.llm import EpicLLM, last_call
@@ -26,6 +27,7 @@ from llama_index.core.chat_engine import CondensePlusContextChatEngine, ContextC
 
 from epic_rag import DEFAULT_MODEL, EpicEngine, KVStore, RecomputePolicy
 from epic_rag.compile_spec import DEFAULT_SIMILAR, CompileMode
+from epic_rag.devices import dtype_name
 from epic_rag.offline import builtin_compile, builtin_name
 
 from .documents import ReadReport, read_documents
@@ -168,6 +170,8 @@ def build_index(
     kv_url: str | None = None,
     kv_ttl_s: int | None = None,
     vector_store: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     **app_kwargs: Any,
 ) -> RagApp:
     """Read, split, precompute KV, embed, and persist; returns the opened app (`strict`: refuse a
@@ -177,7 +181,8 @@ def build_index(
     default: the built-in model's measured default, else "alone";
     `kv_url`: a Redis server that gets every chunk's KV too, for replicas; it must answer;
     `vector_store`: ``chroma://host:port/collection`` keeps nodes and vectors in that Chroma
-    collection, whose previous content this build replaces, instead of FAISS files)."""
+    collection, whose previous content this build replaces, instead of FAISS files; `device`,
+    `dtype`: where and in what precision the model runs, see `epic_rag.devices`)."""
     if vector_store is not None:
         parse_chroma_url(vector_store)  # a malformed URL fails before the model loads
     mode = CompileMode.parse(compile or builtin_compile(str(model)) or "alone")
@@ -186,9 +191,12 @@ def build_index(
     docs = report.documents
     index_dir = Path(index_dir)
     engine = engine or EpicEngine.from_pretrained(
-        model, store=KVStore(index_dir / "kv", kv_url=kv_url, kv_ttl_s=kv_ttl_s, require_kv_url=True)
+        model,
+        store=KVStore(index_dir / "kv", kv_url=kv_url, kv_ttl_s=kv_ttl_s, require_kv_url=True),
+        device=device,
+        dtype=dtype,
     )
-    llm, embed = EpicLLM(engine, model_name=model), SentenceTransformerEmbedding()
+    llm, embed = EpicLLM(engine, model_name=model), SentenceTransformerEmbedding(device=embed_device(engine))
     use_settings(llm, embed)
     parser_kwargs = {"target_tokens": 256, "max_tokens": 384, "min_tokens": 48, **(parser_kwargs or {})}
     parser = KVSplitNodeParser.from_engine(engine, **parser_kwargs)
@@ -219,9 +227,15 @@ def build_index(
         documents_digest=report.digest,
         compile=str(mode),
         vector_store=vector_store,
+        dtype=None if engine.model.dtype == torch.float32 else str(engine.model.dtype).removeprefix("torch."),
     )
     manifest.write(index_dir)
     return RagApp(index, llm, embed, **app_kwargs)
+
+
+def embed_device(engine: EpicEngine) -> str:
+    """The embedder follows the model's device."""
+    return str(engine.device)
 
 
 def index_is_current(index_dir: str | Path, documents: ReadReport, model: str, compile: str | None = None) -> bool:
@@ -259,9 +273,13 @@ def open_index(
     kv_memory_bytes: int = 2 << 30,
     local_kv: bool = True,
     manifest: IndexManifest | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     **app_kwargs: Any,
 ) -> RagApp:
-    """Reopen a persisted index with the model that built it (refuses another model).
+    """Reopen a persisted index with the model that built it (refuses another model), on `device`
+    (default: the best present) in the dtype the index was built in (another `dtype` is refused:
+    its chunk KV would be compiled again, in that dtype, on every first use).
 
     The policy is `policy` when given, else the one `epic-rag calibrate` recorded for this
     index, else the engine's default policy. With `kv_url`, chunk KV missing from the
@@ -277,19 +295,28 @@ def open_index(
             f"use --model {manifest.model} (or leave --model out), or build an index for {model!r} with "
             f"`epic-rag index DOCS_DIR --index NEW_DIR --model {model}`"
         )
+    built_in = manifest.dtype or "float32"
+    if dtype is not None and dtype_name(dtype) != built_in:
+        raise ValueError(
+            f"index {index_dir} holds chunk KV computed in {built_in}, not {dtype_name(dtype)}: use --dtype {built_in} "
+            f"(or leave --dtype out), or build an index in {dtype_name(dtype)} with `epic-rag index DOCS_DIR --index "
+            f"NEW_DIR --dtype {dtype_name(dtype)}`"
+        )
     engine = engine or EpicEngine.from_pretrained(
         manifest.model,
         store=KVStore(
             index_dir / "kv" if local_kv else None, memory_budget=kv_memory_bytes, kv_url=kv_url, kv_ttl_s=kv_ttl_s
         ),
         progress_tokens=LONG_PREFILL_TOKENS,
+        device=device,
+        dtype=built_in,
     )
     if engine.fingerprint != manifest.fingerprint:
         raise ValueError(
             f"index {index_dir} was built with other weights than the loaded {manifest.model!r} "
             f"(fingerprint {manifest.fingerprint[:12]} vs {engine.fingerprint[:12]}); rebuild the index"
         )
-    embed = SentenceTransformerEmbedding()
+    embed = SentenceTransformerEmbedding(device=embed_device(engine))
     policy = policy or manifest.policy or engine.default_policy
     llm = EpicLLM(engine, model_name=manifest.model, policy=policy, max_new_tokens=max_new_tokens)
     use_settings(llm, embed)

@@ -33,12 +33,13 @@ class IndexManifest(BaseModel):
     documents_digest: str | None = None  # sha256 over the documents read (paths and bytes)
     compile: str = "alone"  # chunk KV compiled "alone", after its predecessor ("neighbour") or "similar:N"
     vector_store: str | None = None  # chroma://host:port/collection; None: FAISS files in storage/
+    dtype: str | None = None  # compute dtype of its chunk KV when not float32 (unwritten then: older readers agree)
 
     def write(self, index_dir: str | Path) -> None:
         """Write it into `index_dir` atomically: a reader sees the old manifest or the new one."""
         path = Path(index_dir) / MANIFEST
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.model_dump_json(indent=2))
+        tmp.write_text(self.model_dump_json(indent=2, exclude={"dtype"} if self.dtype is None else None))
         os.replace(tmp, path)
 
 

@@ -86,13 +86,14 @@ class EpicEngine:
         spec: str | Path = DEFAULT_MODEL,
         *,
         store: TieredStore | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        device: str | None = None,
         trust_remote_code: bool = False,
         **engine_kwargs,
     ) -> EpicEngine:
         """Load a built-in offline model name, a .gguf file, a folder or a hub id, over `store`
-        (default: a memory-only `KVStore`; e.g. `KVStore("kv", kv_url="redis://...")`)."""
+        (default: a memory-only `KVStore`; e.g. `KVStore("kv", kv_url="redis://...")`), on `device`
+        in `dtype` (defaults: the best device present; bfloat16 on CUDA, float32 elsewhere)."""
         model, tokenizer = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         engine_kwargs.setdefault("default_policy", builtin_policy(str(spec)) or DEFAULT_POLICY)
         return cls(model, tokenizer, store, **engine_kwargs)

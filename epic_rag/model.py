@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import check_fits, resolve_device, resolve_dtype
 from .offline import builtin_name, ensure_converted_gguf, offline_model_folder
 
 # model_type -> family name; each has model.model.{embed_tokens, layers, norm, rotary_emb}.
@@ -158,17 +159,21 @@ def load_tokenizer(spec: str | Path, trust_remote_code: bool = False):
 
 def load_model(
     spec: str | Path,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
 ):
-    """Load (model, tokenizer) from a built-in name, .gguf, folder or hub id; refuse what we cannot serve."""
+    """Load (model, tokenizer) from a built-in name, .gguf, folder or hub id; refuse what we cannot
+    serve, and what will not fit the device (before loading). Defaults: see `epic_rag.devices`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     source = resolve_model_folder(spec)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     check_supported(config)
+    check_fits(config, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation

@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from epic_rag.app.cli import MAX_QUESTION_TOKENS, add_kv_args, add_ttft_target, model_arg, open_app, policy_arg
+from epic_rag.app.cli import (
+    MAX_QUESTION_TOKENS,
+    add_device_args,
+    add_kv_args,
+    add_ttft_target,
+    model_arg,
+    open_app,
+    policy_arg,
+)
 
 from epic_rag.cli import require_extra
 
@@ -47,6 +55,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, help="torch threads for the one running request (default: the CPU count)"
     )
     add_kv_args(p)
+    add_device_args(p)
     p.set_defaults(func=_serve)
 
 

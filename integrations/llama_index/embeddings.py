@@ -21,15 +21,16 @@ class SentenceTransformerEmbedding(BaseEmbedding):
     """Normalised sentence-transformers embeddings from a local folder (default: all-MiniLM-L6-v2)."""
 
     model_path: str = Field(default="", description="a local sentence-transformers folder ('' = the default)")
+    device: str = Field(default="cpu", description="where it runs: the LLM's device in the RAG app")
 
     _model: Any = PrivateAttr()
 
-    def __init__(self, model_path: str = "", **kwargs: Any) -> None:
+    def __init__(self, model_path: str = "", device: str = "cpu", **kwargs: Any) -> None:
         from sentence_transformers import SentenceTransformer
 
         kwargs.setdefault("model_name", model_path or DEFAULT_EMBED_MODEL)
-        super().__init__(model_path=model_path, **kwargs)
-        self._model = SentenceTransformer(model_path or default_embed_path(), device="cpu", trust_remote_code=False)
+        super().__init__(model_path=model_path, device=device, **kwargs)
+        self._model = SentenceTransformer(model_path or default_embed_path(), device=device, trust_remote_code=False)
 
     @classmethod
     def class_name(cls) -> str:

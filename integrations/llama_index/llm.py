@@ -68,9 +68,18 @@ class EpicLLM(CustomLLM):
         self._cancel = cancel
 
     @classmethod
-    def from_pretrained(cls, model: str, store_dir: str | None = None, **kwargs: Any) -> EpicLLM:
-        """Load the model (built-in offline name, folder, .gguf or hub id) with a KV store folder."""
-        return cls(EpicEngine.from_pretrained(model, store=KVStore(store_dir)), model_name=model, **kwargs)
+    def from_pretrained(
+        cls,
+        model: str,
+        store_dir: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        **kwargs: Any,
+    ) -> EpicLLM:
+        """Load the model (built-in offline name, folder, .gguf or hub id) with a KV store folder, on
+        `device` in `dtype` (defaults: the best device present; bfloat16 on CUDA, float32 elsewhere)."""
+        engine = EpicEngine.from_pretrained(model, store=KVStore(store_dir), device=device, dtype=dtype)
+        return cls(engine, model_name=model, **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
