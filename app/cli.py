@@ -315,7 +315,7 @@ def _index(args: argparse.Namespace) -> int:
     print(report.summary())
     print(
         f"indexed {manifest.nodes} chunks from {args.docs_dir} into {args.index} "
-        f"with {args.model} ({manifest.dtype} on {app.engine.device}, compile {manifest.compile}) in "
+        f"with {args.model} ({manifest.dtype or 'float32'} on {app.engine.device}, compile {manifest.compile}) in "
         f"{time.perf_counter() - start:.1f} s; KV store: {tiers}"
     )
     if args.calibrate:

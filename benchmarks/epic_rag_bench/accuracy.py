@@ -32,6 +32,7 @@ from epic_rag.policies import parse_policy
 from epic_rag.policy_spec import DEFAULT_POLICY
 from epic_rag.store import STORAGE_DTYPES, KVStore
 
+from .devices import add_device_arguments, resolve_device_arguments, torch_dtype
 from .records import CHUNKINGS, ChunkIndex, Record, fit_chunks, longbench_records, make_chunker
 from .scoring import best_over_golds, contains_answer, exact_match, rouge_l, token_f1
 
@@ -273,18 +274,19 @@ def machine() -> str:
 
 
 def load_engine(args: argparse.Namespace) -> EpicEngine:
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     return EpicEngine.from_pretrained(
-        args.model, store=KVStore(dtype=args.store_dtype), dtype=dtype, device=args.device
+        args.model, store=KVStore(dtype=args.store_dtype), dtype=torch_dtype(args), device=args.device
     )
 
 
 def apply_model_defaults(args: argparse.Namespace) -> None:
     """Fill in what the user left to the model: its default policy among the methods (so a default
-    that wins shows in every table) and its default compile mode. Checks every method's spec."""
+    that wins shows in every table) and its default compile mode; the device and dtype. Checks
+    every method's spec."""
     if args.methods is None:
         args.methods = list(dict.fromkeys([*args.default_methods, builtin_policy(args.model) or DEFAULT_POLICY]))
     args.compile = args.compile or builtin_compile(args.model) or "alone"
+    resolve_device_arguments(args)
     for method in args.methods:
         parse_policy(method)
 
@@ -325,14 +327,13 @@ def add_common_arguments(
     parser.add_argument(
         "--max-context-tokens", type=int, default=None, help="cap the prompt (default: the model's limit)"
     )
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    add_device_arguments(parser)
     parser.add_argument(
         "--store-dtype",
         choices=list(STORAGE_DTYPES),
         default=None,
         help="dtype the chunk KV is stored in, dequantized when linked (default: the model's --dtype)",
     )
-    parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--compile",
         type=compile_mode,

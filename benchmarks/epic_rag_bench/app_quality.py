@@ -25,6 +25,7 @@ from epic_rag import DEFAULT_MODEL
 from epic_rag.offline import builtin_compile, cache_dir
 
 from .accuracy import compile_mode
+from .devices import add_device_arguments
 from .scoring import contains_answer
 
 # Phrases by which an answer says the documents lack what was asked.
@@ -221,6 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile", type=compile_mode, default=None, metavar="MODE", help="compile mode of the index it builds"
     )
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    add_device_arguments(parser)
     parser.add_argument("--out", help="folder for results.md and results.json")
     parser.set_defaults(func=main)
 
@@ -231,11 +233,14 @@ def main(args: argparse.Namespace) -> int:
     name = f"{Path(args.docs).name}-{args.model}" + ("" if args.compile == "alone" else f"-{args.compile}")
     index = args.index or str(cache_dir() / "app-quality" / name.replace(":", "-"))
     if index_is_current(index, documents, args.model, args.compile):
-        app = open_index(index, model=args.model, max_new_tokens=args.max_new_tokens, top_k=args.top_k)
+        app = open_index(
+            index, model=args.model, max_new_tokens=args.max_new_tokens, top_k=args.top_k, device=args.device
+        )
     else:
         app = build_index(
-            args.docs, index, model=args.model, documents=documents, top_k=args.top_k, compile=args.compile
-        )
+            args.docs, index, model=args.model, documents=documents, top_k=args.top_k, compile=args.compile,
+            device=args.device, dtype=args.dtype,
+        )  # fmt: skip
         app.llm.max_new_tokens = args.max_new_tokens
     policies = [app.engine.default_policy if p == "default" else p for p in args.policies.split(",") if p.strip()]
     questions = [c for path in args.questions for c in read_questions(path)]

@@ -24,6 +24,7 @@ from epic_rag.offline import DEFAULT_MODEL
 from epic_rag.store import KVStore
 
 from .accuracy import compile_mode, machine
+from .devices import add_device_arguments, resolve_device_arguments
 from .qa import corpus_chunks
 from .records import ChunkIndex
 
@@ -74,12 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compile modes, comma-separated (default alone,similar:2,similar:5,similar:10)",
     )
     parser.add_argument("--chunks", type=int, default=48, help="the first N chunks of the corpus (default 48)")
+    add_device_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("bench-compile-cost"), help="folder for results.json")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    engine = EpicEngine.from_pretrained(args.model)
+    resolve_device_arguments(args)
+    engine = EpicEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     full = corpus_chunks(engine, args.corpus, 256, 384, 48)
     texts = full.texts[: args.chunks]
     index = ChunkIndex(texts, full.previous[: args.chunks], torch.as_tensor(load_sentence_encoder()(texts)))

@@ -31,6 +31,7 @@ from epic_rag.store import STORAGE_DTYPES, KVStore, redact
 
 from .accuracy import machine
 from .data import DATA_ENV, essay_chunks, essay_folder
+from .devices import add_device_arguments, resolve_device_arguments
 from .records import fit_chunks
 from .ttft import QUESTION
 
@@ -56,10 +57,9 @@ def _reset_peak_rss() -> None:
 def run_cell(cell: dict) -> dict:
     """One (size, method, source) cell, in this process: median TTFT and peak RSS."""
     torch.set_num_threads(cell["threads"])
-    if cell["source"] == "redis":  # memory over Redis only: no disk tier to hide it
-        engine = EpicEngine.from_pretrained(cell["model"], store=KVStore(kv_url=cell["kv_url"], require_kv_url=True))
-    else:
-        engine = EpicEngine.from_pretrained(cell["model"], store=KVStore(cell["store"]))
+    redis = cell["source"] == "redis"  # memory over Redis only: no disk tier to hide it
+    store = KVStore(kv_url=cell["kv_url"], require_kv_url=True) if redis else KVStore(cell["store"])
+    engine = EpicEngine.from_pretrained(cell["model"], store=store, device=cell["device"], dtype=cell["dtype"])
     ids = engine.add_chunks(cell["chunks"], progress=False)  # all hits: they were compiled by the parent
     engine.store.clear_memory()
     layout = engine.layout(QUESTION, ids)
@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> dict:
     essays = essay_folder(args.essays)  # before the model loads: a missing folder fails at once
     store_dir = tempfile.mkdtemp(prefix="epic-scaling-")
     store = KVStore(store_dir, kv_url=args.kv_url, require_kv_url=True)  # a bad URL fails before the model loads
-    engine = EpicEngine.from_pretrained(args.model, store=store)
+    resolve_device_arguments(args)
+    engine = EpicEngine.from_pretrained(args.model, store=store, device=args.device, dtype=args.dtype)
     limit = min(args.max_tokens, engine.max_context)
     sizes = [s for s in args.sizes if s <= limit]
     chunks = essay_chunks(engine, max(sizes) // args.chunk_tokens, args.chunk_tokens, essays)
@@ -195,11 +196,13 @@ def run(args: argparse.Namespace) -> dict:
             "repeats": args.repeats,
             "threads": torch.get_num_threads(),
             "kv_url": args.kv_url,
+            "device": args.device,
+            "dtype": args.dtype,
         }
         rows.append(_spawn(cell))
     return {
         "model": args.model,
-        "dtype": "fp32",
+        "dtype": args.dtype,
         "machine": machine(),
         "repeats": args.repeats,
         "chunk_tokens": args.chunk_tokens,
@@ -266,6 +269,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--essays", type=Path, default=None, help=f"folder of .txt essays (default: ${DATA_ENV}/haystack)"
     )
+    add_device_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("bench-scaling"))
     parser.set_defaults(func=main)
 

@@ -21,6 +21,8 @@ import httpx
 from epic_rag.server.process import ServeProcess
 from tqdm.auto import tqdm
 
+from .devices import add_device_arguments
+
 DEFAULT_QUESTIONS = [
     "What is the warranty on a Skylark buoy?",
     "What does the Skylark S3 cost?",
@@ -69,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=8, help="chunks retrieved per question (default 8)")
     parser.add_argument("--max-tokens", type=int, default=16, help="answer tokens per request (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: CPU count)")
+    add_device_arguments(parser)
     parser.add_argument("--out", help="folder for results.md, results.json and serve.png")
     parser.set_defaults(func=main)
 
@@ -81,7 +84,8 @@ def main(args: argparse.Namespace) -> int:
     questions = _questions(args.questions)[: args.requests]  # each run sends these, so each has a reference
     clients = [int(c) for c in args.clients.split(",")]
     threads = ["--threads", str(args.threads)] if args.threads else []
-    with ServeProcess(args.index, "--queue-size", "64", *threads) as server:
+    placed = [f"--{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v]
+    with ServeProcess(args.index, "--queue-size", "64", *threads, *placed) as server:
         url = server.url
         model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
         rows, server_policy = [], None

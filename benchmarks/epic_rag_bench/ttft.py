@@ -25,6 +25,7 @@ from epic_rag.policies import AttnLink, parse_policy
 from epic_rag.store import KVStore
 
 from .data import DATA_ENV, essay_chunks, essay_folder
+from .devices import add_device_arguments, resolve_device_arguments, torch_dtype
 
 QUESTION = (
     "Based only on the essays above, which essay argues most directly about how people should choose "
@@ -53,10 +54,12 @@ def hf_floor_seconds(engine: EpicEngine, ids: torch.Tensor, new_tokens: int, rep
 
 
 def run(args: argparse.Namespace) -> dict:
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    resolve_device_arguments(args)
     essays = essay_folder(args.essays)  # before the model loads: a missing folder fails at once
     store_dir = tempfile.mkdtemp(prefix="epic-bench-") if args.from_disk else None
-    engine = EpicEngine.from_pretrained(args.model, store=KVStore(store_dir), dtype=dtype, device=args.device)
+    engine = EpicEngine.from_pretrained(
+        args.model, store=KVStore(store_dir), dtype=torch_dtype(args), device=args.device
+    )
     counts = sorted(args.chunks)
     chunks = essay_chunks(engine, max(counts), args.chunk_tokens, essays)
     chunk_ids = engine.add_chunks(chunks, progress=True)
@@ -141,8 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--device", default="cpu")
+    add_device_arguments(parser)
     parser.add_argument(
         "--from-disk", action="store_true", help="serve chunk KV from a disk store, memory tier cleared per run"
     )
