@@ -334,3 +334,16 @@ def test_compile_cost_compiles_every_entry_each_mode_needs(tmp_path, capsys):
     assert rows["alone"]["vs_alone"] == 1.0
     assert rows["similar:2"]["vs_alone"] == rows["similar:2"]["seconds"] / rows["alone"]["seconds"]
     assert "| similar:2 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_dtypes_bench_measures_every_dtype_against_float32s_full_prefill(tmp_path, essay_folder, capsys):
+    out = tmp_path / "dtypes.json"
+    argv = ["bench", "dtypes", "--model", "smollm2-135m-instruct", "--essays", str(essay_folder), "--chunks", "2",
+            "--chunk-tokens", "64", "--repeats", "1", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    rows = {(r["dtype"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 9 and rows["float32", "full"]["kl_vs_fp32_full"] == 0.0
+    assert 0.0 < rows["bfloat16", "full"]["kl_vs_fp32_full"] < 0.05  # bf16 rounding only: small, never zero
+    assert rows["float32", "reuse"]["kl_vs_fp32_full"] > 0.0
+    assert "| bfloat16 | attnlink:16 |" in capsys.readouterr().out

@@ -19,6 +19,7 @@ HARNESSES = {
     "serve": ("serve", "concurrent clients through the HTTP server, per policy"),
     "app-quality": ("app_quality", "end-to-end quality of ask and chat on question files, per policy"),
     "compile-cost": ("compile_cost", "index-time cost of each compile mode (alone, neighbour, similar:N)"),
+    "dtypes": ("dtypes", "TTFT and first-token KL against float32 of each compute dtype, per method"),
     "frontier": ("frontier", "quality-vs-TTFT frontier of policy/compile pairs from saved accuracy/qa runs"),
 }
 
