@@ -207,7 +207,9 @@ def test_ctrl_c_during_indexing_keeps_a_consistent_folder(tmp_path):
     assert again.returncode == 0, again.stderr
     manifest = json.loads((index / "epic_rag_index.json").read_text())
     assert manifest["documents"] == 6 and manifest["compile"] == "neighbour"
-    said = f"indexed {manifest['nodes']} chunks from {docs} into {index} with {MODEL} (float32 on cpu, compile neighbour) in "
+    said = (
+        f"indexed {manifest['nodes']} chunks from {docs} into {index} with {MODEL} (float32 on cpu, compile neighbour)"
+    )
     assert said in again.stdout
     assert node_keys(index) <= kv_keys(index) and manifest_reads(again) == 1
     # a new process resolves the neighbour-compiled entries from the keys in the nodes' metadata
