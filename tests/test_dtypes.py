@@ -64,8 +64,13 @@ def test_half_precision_entries_are_stored_and_linked_in_their_dtype(dtype):
     (chunk_id,) = engine.add_chunks([CHUNKS[0]])
     entry = engine.store.get(chunk_id[3:])
     assert entry.keys.dtype == dtype and entry.keys.device.type == "cpu"
-    result = engine.prefill(engine.layout(QUESTION, [chunk_id, CHUNKS[1]], "sys"), FullReuse())
-    assert result.cache.keys.dtype == dtype and torch.isfinite(result.logits).all()
+    layout = engine.layout(QUESTION, [chunk_id, CHUNKS[1]], "sys")
+    cache = engine.prefill(layout, FullReuse()).cache
+    first = layout.chunks[0]
+    assert cache.keys.dtype == dtype
+    moved = rotate_keys(entry.keys, engine.rotary.inv_freq, first.start)  # linked = the entry, re-rotated
+    assert torch.equal(cache.keys[:, 0, :, first.start : first.end], moved)
+    assert torch.equal(cache.values[:, 0, :, first.start : first.end], entry.values)
 
 
 def accelerator() -> str | None:

@@ -168,5 +168,6 @@ def test_build_index_similar_compile_embeds_once_and_records_the_mode(tmp_path, 
         assert entry.context.linked and len(entry.context_spans) == 3  # the head and two similar chunks
         assert len(node.metadata[CONTEXT_KEY].split(",")) == 2
     reopened = open_index(tmp_path, engine=smollm2_over(smollm2, KVStore(tmp_path / "kv")))
-    _, handoff = reopened.ask("What is the warranty on a Skylark buoy?")
-    assert handoff.first_call.chunk_misses == 0 and handoff.first_call.chunk_hits > 0
+    response, handoff = reopened.ask("What is the warranty on a Skylark buoy?")
+    call = handoff.first_call
+    assert (call.chunk_hits, call.chunk_misses) == (len(response.source_nodes), 0)
