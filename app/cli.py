@@ -12,7 +12,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from epic_rag.cli import require_extra
+from epic_rag.cli import argparse_type, require_extra
 from epic_rag.compile_spec import CompileMode
 from epic_rag.devices import device_name, dtype_name
 from epic_rag.offline import DEFAULT_MODEL, check_model_spec
@@ -138,27 +138,17 @@ def add_device_args(p: argparse.ArgumentParser, index_decides: bool = True) -> N
     """--device and --dtype (checked without torch)."""
     p.add_argument(
         "--device",
-        type=_checked(device_name),
+        type=argparse_type(device_name),
         default=None,
         help="cpu, cuda, cuda:N or mps (default: the best present: CUDA, then MPS, then the CPU)",
     )
     default = "the dtype the index was built in" if index_decides else "bfloat16 on CUDA, float32 elsewhere"
     p.add_argument(
-        "--dtype", type=_checked(dtype_name), default=None, help=f"float32, bfloat16 or float16 (default: {default})"
+        "--dtype",
+        type=argparse_type(dtype_name),
+        default=None,
+        help=f"float32, bfloat16 or float16 (default: {default})",
     )
-
-
-def _checked(parse):
-    """An argparse type from a parser that raises ValueError."""
-
-    def check(text: str) -> str:
-        try:
-            return parse(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    check.__name__ = parse.__name__
-    return check
 
 
 def add_kv_args(p: argparse.ArgumentParser) -> None:
@@ -241,12 +231,12 @@ def model_arg(spec: str) -> str:
     return spec
 
 
-def compile_arg(spec: str) -> str:
-    """argparse type: a compile mode in its canonical spelling ('similar' -> 'similar:5')."""
-    try:
-        return str(CompileMode.parse(spec))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def compile_name(spec: str) -> str:
+    """A compile mode in its canonical spelling ('similar' -> 'similar:5')."""
+    return str(CompileMode.parse(spec))
+
+
+compile_arg = argparse_type(compile_name)  # argparse type of --compile
 
 
 def add_ttft_target(p: argparse.ArgumentParser) -> None:

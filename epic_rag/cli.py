@@ -50,6 +50,19 @@ def require_extra(command: str, extra: str, *modules: str) -> None:
             )
 
 
+def argparse_type(parse: Callable[[str], str]) -> Callable[[str], str]:
+    """An argparse type from a parser that raises ValueError: its message becomes the usage error."""
+
+    def check(text: str) -> str:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    check.__name__ = getattr(parse, "__name__", "value")
+    return check
+
+
 def _info(args: argparse.Namespace) -> int:
     print("built-in offline models:")
     for name, entry in OFFLINE_MODELS.items():

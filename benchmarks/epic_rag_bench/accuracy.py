@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from epic_rag.app.cli import compile_arg
 from tqdm.auto import tqdm
 
 from epic_rag.agreement import ReferenceCache, against_reference, greedy_decode
@@ -291,14 +292,6 @@ def apply_model_defaults(args: argparse.Namespace) -> None:
         parse_policy(method)
 
 
-def compile_mode(spec: str) -> str:
-    """argparse type: a compile mode in its canonical spelling."""
-    try:
-        return str(CompileMode.parse(spec))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def parse_methods(text: str) -> list[str]:
     """Comma-separated policy specs; a bare number repeats the previous family with a new
     argument, so "full,attnlink:1,2,4" means full, attnlink:1, attnlink:2, attnlink:4."""
@@ -336,7 +329,7 @@ def add_common_arguments(
     )
     parser.add_argument(
         "--compile",
-        type=compile_mode,
+        type=compile_arg,
         default=None,
         metavar="MODE",
         help="how chunk KV is compiled: alone, neighbour (after its predecessor) or similar:N (after the N most "

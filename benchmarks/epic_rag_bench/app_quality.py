@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from epic_rag.app.cli import compile_arg
 from epic_rag.app.index import CHAT_RETRIEVAL, RagApp, build_index, index_is_current, open_index, read_documents
 from epic_rag.integrations.llama_index.handoff import CallReport, current_handoff, set_handoff
 from epic_rag.integrations.llama_index.llm import EpicLLM
@@ -24,7 +25,6 @@ from tqdm.auto import tqdm
 from epic_rag import DEFAULT_MODEL
 from epic_rag.offline import builtin_compile, cache_dir
 
-from .accuracy import compile_mode
 from .devices import add_device_arguments
 from .scoring import contains_answer
 
@@ -219,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-retrieval", nargs="+", default=["latest"], choices=CHAT_RETRIEVAL)
     parser.add_argument("--top-k", type=int, default=3, help="chunks retrieved (default 3, as the CLI)")
     parser.add_argument(
-        "--compile", type=compile_mode, default=None, metavar="MODE", help="compile mode of the index it builds"
+        "--compile", type=compile_arg, default=None, metavar="MODE", help="compile mode of the index it builds"
     )
     parser.add_argument("--max-new-tokens", type=int, default=96)
     add_device_arguments(parser)

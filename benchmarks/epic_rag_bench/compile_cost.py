@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from epic_rag.app.cli import compile_arg
 from tqdm.auto import tqdm
 
 from epic_rag.chunking import load_sentence_encoder
@@ -23,7 +24,7 @@ from epic_rag.engine import EpicEngine
 from epic_rag.offline import DEFAULT_MODEL
 from epic_rag.store import KVStore
 
-from .accuracy import compile_mode, machine
+from .accuracy import machine
 from .devices import add_device_arguments, resolve_device_arguments
 from .qa import corpus_chunks
 from .records import ChunkIndex
@@ -70,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, folder or .gguf")
     parser.add_argument(
         "--modes",
-        type=lambda s: [compile_mode(m) for m in s.split(",")],
+        type=lambda s: [compile_arg(m) for m in s.split(",")],
         default=["alone", "similar:2", "similar:5", "similar:10"],
         help="compile modes, comma-separated (default alone,similar:2,similar:5,similar:10)",
     )

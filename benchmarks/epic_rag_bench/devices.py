@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from epic_rag.cli import argparse_type
 from epic_rag.devices import device_name, dtype_name, resolve_device, resolve_dtype
 
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # how results folders spell them
@@ -14,13 +15,13 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # how result
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
-        type=_checked(device_name),
+        type=argparse_type(device_name),
         default=None,
         help="cpu, cuda, cuda:N or mps (default: the best present)",
     )
     parser.add_argument(
         "--dtype",
-        type=_checked(lambda s: SHORT[dtype_name(s)]),
+        type=argparse_type(lambda s: SHORT[dtype_name(s)]),
         default=None,
         help="fp32/float32, bf16/bfloat16 or fp16/float16 (default: bf16 on CUDA, fp32 elsewhere)",
     )
@@ -34,13 +35,3 @@ def resolve_device_arguments(args: argparse.Namespace) -> None:
 
 def torch_dtype(args: argparse.Namespace) -> torch.dtype:
     return resolve_dtype(args.dtype, args.device)
-
-
-def _checked(parse):
-    def check(text: str) -> str:
-        try:
-            return parse(text)
-        except (ValueError, KeyError) as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return check
