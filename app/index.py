@@ -220,6 +220,7 @@ def build_index(
     manifest = IndexManifest(
         model=model,
         fingerprint=engine.fingerprint,
+        fingerprint_scheme=engine.fingerprint_scheme,
         embed_model=DEFAULT_EMBED_MODEL,
         documents=len(docs),
         nodes=node_count(shared) if shared is not None else len(index.docstore.docs),
@@ -310,11 +311,14 @@ def open_index(
         progress_tokens=LONG_PREFILL_TOKENS,
         device=device,
         dtype=built_in,
+        fingerprint_scheme=manifest.fingerprint_scheme,
     )
     if engine.fingerprint != manifest.fingerprint:
+        device_bound = " (its KV keys were made on the device that built it: open it there)"
         raise ValueError(
             f"index {index_dir} was built with other weights than the loaded {manifest.model!r} "
-            f"(fingerprint {manifest.fingerprint[:12]} vs {engine.fingerprint[:12]}); rebuild the index"
+            f"(fingerprint {manifest.fingerprint[:12]} vs {engine.fingerprint[:12]}"
+            f"{device_bound if manifest.fingerprint_scheme == 'float-sum' else ''}); rebuild the index"
         )
     embed = SentenceTransformerEmbedding(device=embed_device(engine))
     policy = policy or manifest.policy or engine.default_policy

@@ -34,12 +34,14 @@ class IndexManifest(BaseModel):
     compile: str = "alone"  # chunk KV compiled "alone", after its predecessor ("neighbour") or "similar:N"
     vector_store: str | None = None  # chroma://host:port/collection; None: FAISS files in storage/
     dtype: str | None = None  # compute dtype of its chunk KV when not float32 (unwritten then: older readers agree)
+    fingerprint_scheme: str = "float-sum"  # how `fingerprint` was computed (see epic_rag.model.fingerprint)
 
     def write(self, index_dir: str | Path) -> None:
         """Write it into `index_dir` atomically: a reader sees the old manifest or the new one."""
         path = Path(index_dir) / MANIFEST
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.model_dump_json(indent=2, exclude={"dtype"} if self.dtype is None else None))
+        legacy = {"dtype": None, "fingerprint_scheme": "float-sum"}  # unwritten at these values, as before them
+        tmp.write_text(self.model_dump_json(indent=2, exclude={k for k, v in legacy.items() if getattr(self, k) == v}))
         os.replace(tmp, path)
 
 

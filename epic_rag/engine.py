@@ -29,7 +29,7 @@ from .decode import stream_answer
 from .forward import run_layers
 from .kv import ChunkKV, CompileContext
 from .layout import PromptLayout, Segment
-from .model import check_supported, fingerprint, kv_geometry, load_model, rotary_facts
+from .model import FINGERPRINT_SCHEMES, check_supported, fingerprint, kv_geometry, load_model, rotary_facts
 from .offline import DEFAULT_MODEL, builtin_policy
 from .policies import RecomputePolicy, parse_policy
 from .policy_spec import DEFAULT_POLICY
@@ -58,16 +58,18 @@ class EpicEngine:
         use_chat_template: bool | None = None,
         default_policy: Policy = DEFAULT_POLICY,
         progress_tokens: int | None = None,
+        fingerprint_scheme: str = FINGERPRINT_SCHEMES[0],
     ) -> None:
         """`default_policy` answers calls that name none (`from_pretrained`: the built-in model's
-        measured best); prefills of `progress_tokens` tokens or more show a bar (None: never)."""
+        measured best); prefills of `progress_tokens` tokens or more show a bar (None: never);
+        `fingerprint_scheme` "float-sum" keys entries as indexes whose manifest names no scheme."""
         check_supported(model.config)
         self.default_policy = parse_policy(default_policy)
         self.progress_tokens = progress_tokens
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.rotary = rotary_facts(model)
-        self.fingerprint = fingerprint(model)
+        self.fingerprint, self.fingerprint_scheme = fingerprint(model, fingerprint_scheme), fingerprint_scheme
         self.store = store if store is not None else KVStore()
         self.store.bind(self.fingerprint)
         self.prompt = PromptBuilder(tokenizer, self.fingerprint, chunk_separator, use_chat_template)

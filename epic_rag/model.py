@@ -108,29 +108,48 @@ def rotary_facts(model) -> RotaryFacts:
     return RotaryFacts(inv_freq=inv_freq, rope_type=_rope_parameters(model.config).get("rope_type", "default"))
 
 
-def fingerprint(model) -> str:
+FINGERPRINT_SCHEMES = ("bits", "float-sum")  # the current one first; "float-sum": manifests that name none
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def fingerprint(model, scheme: str = FINGERPRINT_SCHEMES[0]) -> str:
     """A hash of the config, the dtype and the weights: scopes cache entries to a model.
 
-    Every tensor contributes its name, shape, a float64 sum and a strided sample of
-    its values, so a different checkpoint or dtype gives a different fingerprint
-    without hashing gigabytes at every load. The sum runs where the tensor is, without a
-    float64 copy of it, and only the 4,096-value sample leaves the device.
+    Every tensor contributes its name, shape, a checksum and a strided sample of its
+    values, so a different checkpoint or dtype gives a different fingerprint without
+    hashing gigabytes at every load. "bits" sums the raw bit patterns as integers: exact
+    in any order, so the same weights give the same fingerprint on every device (a CPU-built
+    index opens on a GPU). "float-sum", a float64 sum, is kept to open indexes keyed with it
+    on the device that built them. The checksum runs where the tensor is, in pieces; only the
+    4,096-value sample leaves the device.
     """
+    if scheme not in FINGERPRINT_SCHEMES:
+        raise ValueError(f"unknown fingerprint scheme {scheme!r}; use one of {', '.join(FINGERPRINT_SCHEMES)}")
     digest = hashlib.sha256()
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_")}
-    config.pop("transformers_version", None)
-    config.pop("dtype", None)
-    config.pop("torch_dtype", None)
+    for volatile in ("transformers_version", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
             flat = tensor.detach().reshape(-1)
             step = max(1, flat.numel() // 4096)
             digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            wide = torch.float32 if flat.device.type == "mps" else torch.float64  # MPS has no float64
-            digest.update(repr(float(flat.sum(dtype=wide))).encode())
+            digest.update(repr(_bit_sum(flat) if scheme == "bits" else _float_sum(flat)).encode())
             digest.update(flat[::step].float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _bit_sum(flat: torch.Tensor) -> int:
+    """The sum of a tensor's bit patterns read as integers, modulo 2**64: order-free, so every
+    device agrees. Summed in pieces of 16M values, so no whole-tensor copy is made."""
+    ints = flat.view(_INT_OF_WIDTH[flat.element_size()])
+    return sum(int(piece.sum(dtype=torch.int64)) for piece in ints.split(1 << 24)) % (1 << 64)
+
+
+def _float_sum(flat: torch.Tensor) -> float:
+    """The float64 sum the "float-sum" scheme hashes (float32 on MPS, which has no float64)."""
+    return float(flat.sum(dtype=torch.float32 if flat.device.type == "mps" else torch.float64))
 
 
 def resolve_model_folder(spec: str | Path) -> str:

@@ -114,3 +114,27 @@ def test_a_field_set_to_the_wrong_type_is_refused_before_it_is_written(tmp_path)
         "compile": "alone",
         "vector_store": None,
     }
+
+
+def test_an_index_keyed_with_the_float_sum_fingerprint_still_opens_and_hits(smollm2, tmp_path):
+    """Indexes built before the bits fingerprint keep answering from their stored KV: the manifest
+    names no scheme, so it is reopened with the float-sum one it was keyed with."""
+    from epic_rag.app.index import build_index, open_index
+
+    from epic_rag import EpicEngine, KVStore, fingerprint
+
+    from .conftest import SAMPLE_DOCS, SMOLLM2
+
+    folder = tmp_path / "idx"
+    old = EpicEngine(smollm2.model, smollm2.tokenizer, KVStore(folder / "kv"), fingerprint_scheme="float-sum")
+    build_index(SAMPLE_DOCS, folder, model=SMOLLM2, engine=old, show_progress=False)
+    written = json.loads((folder / MANIFEST).read_text())
+    assert "fingerprint_scheme" not in written and written["fingerprint"] == fingerprint(smollm2.model, "float-sum")
+    app = open_index(folder, max_new_tokens=4)
+    assert (app.engine.fingerprint_scheme, app.engine.fingerprint) == ("float-sum", written["fingerprint"])
+    _, handoff = app.ask("How long does the battery last?")
+    call = handoff.first_call
+    assert call.chunk_misses == 0 and call.chunk_hits == len(handoff.chunks) > 0
+    (folder / MANIFEST).write_text(json.dumps({**written, "fingerprint": "ab" * 32}))
+    with pytest.raises(ValueError, match=r"other weights .*made on the device that built it: open it there"):
+        open_index(folder)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epic_rag import AttnLink, EpicEngine, FullRecompute, FullReuse
+from epic_rag import AttnLink, EpicEngine, FullRecompute, FullReuse, fingerprint
 from epic_rag.kv import rotate_keys
 
 from .conftest import CharTokenizer, tiny_model
@@ -107,3 +107,13 @@ def test_on_the_accelerator_entries_live_on_the_cpu_and_link_on_the_device():
     cpu = EpicEngine(tiny_model("llama"), CharTokenizer())
     on_cpu = cpu.prefill(cpu.layout(QUESTION, CHUNKS, "sys"), FullReuse()).cache
     assert torch.allclose(cache.keys.cpu(), on_cpu.keys, atol=1e-4)  # the same re-rotation on both
+
+
+@pytest.mark.gpu
+@needs_accelerator
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fingerprint_is_the_same_on_the_accelerator(family, dtype):
+    """A CPU-built index opens on the GPU: the weights' fingerprint does not depend on the device."""
+    model = tiny_model(family).to(dtype)
+    on_device = fingerprint(model.to(accelerator()))  # Module.to moves the model in place
+    assert fingerprint(model.cpu()) == on_device

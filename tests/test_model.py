@@ -85,3 +85,26 @@ def test_builtin_names_and_the_old_alias():
     assert builtin_name("qwen2.5-0.5b-instruct") == DEFAULT_MODEL == ALIASES["qwen2.5-0.5b-instruct"]
     assert builtin_name("smollm2-135m-instruct") == "smollm2-135m-instruct"
     assert builtin_name("Qwen/Qwen2.5-7B-Instruct") is None  # a hub id stays a hub id
+
+
+def test_the_bits_checksum_is_exact_in_any_order():
+    """What makes the fingerprint the same on every device: an integer sum of the bit patterns
+    does not depend on the order a device's reduction adds them in (a float64 sum does)."""
+    from epic_rag.model import _bit_sum
+
+    values = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 1e3
+    shuffled = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(1))]
+    expected = sum(int(b) for b in values.view(torch.int32).tolist()) % (1 << 64)
+    assert _bit_sum(values) == _bit_sum(shuffled) == expected
+    assert _bit_sum(values.to(torch.bfloat16)) == sum(
+        int(b) for b in values.to(torch.bfloat16).view(torch.int16).tolist()
+    ) % (1 << 64)
+    values[17] = torch.nextafter(values[17], values[17] * 2)  # one ulp away from zero: its bits + 1
+    assert _bit_sum(values) == expected + 1
+
+
+def test_fingerprint_schemes_differ_and_an_unknown_one_is_refused():
+    model = tiny_model(seed=0)
+    assert fingerprint(model) == fingerprint(model, "bits") != fingerprint(model, "float-sum")
+    with pytest.raises(ValueError, match="unknown fingerprint scheme 'crc'; use one of bits, float-sum"):
+        fingerprint(model, "crc")
