@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from epic_rag.cli import argparse_type, require_extra
@@ -31,7 +32,12 @@ MAX_QUESTION_TOKENS = 1024  # one request cannot take minutes and gigabytes by a
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add index, ask, chat and calibrate; each one's arguments are added when it is named."""
     subparsers.add_parser(
-        "index", help="build a FAISS index and KV store from a documents folder", configure=_index_args
+        "index",
+        help="build a FAISS index and KV store from a documents folder, or update one with what changed",
+        configure=_index_args,
+    )
+    subparsers.add_parser(
+        "prune", help="delete the chunk KV files no node of an index references", configure=_prune_args
     )
     subparsers.add_parser("ask", help="answer one question from an index", configure=_ask_args)
     subparsers.add_parser("chat", help="interactive chat over an index", configure=_chat_args)
@@ -44,13 +50,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _index_args(index: argparse.ArgumentParser) -> None:
     index.add_argument("docs_dir", metavar="DOCS_DIR", help="folder of documents (.txt, .md, .pdf, .docx, .html)")
-    index.add_argument("--index", required=True, metavar="INDEX_DIR", help="folder to write the index to")
     index.add_argument(
-        "--model", type=model_arg, default=DEFAULT_MODEL, help=f"model name, folder or .gguf (default {DEFAULT_MODEL})"
+        "--index",
+        required=True,
+        metavar="INDEX_DIR",
+        help="folder to write the index to; an index already there is updated with the documents added, changed "
+        "and removed since, and the options it was built with are kept unless given",
     )
-    index.add_argument("--target-tokens", type=int, default=256, help="chunk size KVSplit aims for (LLM tokens)")
-    index.add_argument("--max-tokens", type=int, default=384, help="hard maximum chunk size (LLM tokens)")
-    index.add_argument("--min-tokens", type=int, default=48, help="minimum chunk size unless a document is shorter")
+    index.add_argument(
+        "--rebuild", action="store_true", help="build the index again from every document, even if one is there"
+    )
+    index.add_argument(
+        "--model",
+        type=model_arg,
+        default=None,
+        help=f"model name, folder or .gguf (default: the existing index's, else {DEFAULT_MODEL})",
+    )
+    index.add_argument("--target-tokens", type=int, default=None, help="chunk size KVSplit aims for (default 256)")
+    index.add_argument("--max-tokens", type=int, default=None, help="hard maximum chunk size (default 384)")
+    index.add_argument(
+        "--min-tokens", type=int, default=None, help="minimum chunk size unless a document is shorter (default 48)"
+    )
     index.add_argument(
         "--compile",
         type=compile_arg,
@@ -276,43 +296,141 @@ def policy_arg(spec: str) -> str:
 def _index(args: argparse.Namespace) -> int:
     require_extra("index", "llama-index", "llama_index.core", "faiss", "sentence_transformers")
     from .documents import read_documents
-    from .index import build_index
-    from .manifest import read_manifest
 
     report = read_documents(args.docs_dir, strict=args.strict, progress=True)  # before loading any model
     start = time.perf_counter()
-    parser_kwargs = {"target_tokens": args.target_tokens, "max_tokens": args.max_tokens, "min_tokens": args.min_tokens}
+    manifest, why = _existing_index(args)
+    if manifest is not None and why is None:
+        app = _update_index(args, manifest, report, start)
+    else:
+        if manifest is not None:
+            print(f"rebuilding {args.index}: {why}")
+        app = _build_index(args, manifest, report, start)
+    if args.calibrate:
+        from .calibrate import calibrate_index
+        from .manifest import read_manifest
+
+        scores, best = calibrate_index(
+            args.index, samples=args.calibrate_samples, engine=app.engine, manifest=read_manifest(args.index)
+        )
+        _print_calibration(scores, best, args.index)
+    return 0
+
+
+def _existing_index(args: argparse.Namespace) -> tuple[IndexManifest | None, str | None]:
+    """(the manifest of the index in --index, or None; why it must be rebuilt, or None to update it)."""
+    from .manifest import MANIFEST, read_manifest
+
+    if not (Path(args.index) / MANIFEST).is_file():
+        return None, None
+    try:
+        manifest = read_manifest(args.index)
+    except ValueError as err:
+        raise ValueError(f"{err}; or pass --rebuild to replace it") from None
+    built_dtype = manifest.dtype or "float32"
+    checks = [
+        (args.rebuild, "--rebuild"),
+        (args.model not in (None, manifest.model), f"the model changed ({manifest.model} -> {args.model})"),
+        (
+            args.compile is not None and str(CompileMode.parse(args.compile)) != manifest.compile,
+            f"the compile mode changed ({manifest.compile} -> {args.compile})",
+        ),
+        (any(manifest.chunking.get(k) != v for k, v in _given_chunking(args).items()), "the chunk sizes changed"),
+        (
+            args.dtype is not None and dtype_name(args.dtype) != built_dtype,
+            f"the dtype changed ({built_dtype} -> {args.dtype})",
+        ),
+        (args.vector_store not in (None, manifest.vector_store), "the vector store changed"),
+        (not manifest.document_hashes, "it was built before epic-rag kept per-document hashes"),
+    ]
+    return manifest, next((why for changed, why in checks if changed), None)
+
+
+def _given_chunking(args: argparse.Namespace) -> dict[str, int]:
+    """The KVSplit sizes given on the command line."""
+    given = {"target_tokens": args.target_tokens, "max_tokens": args.max_tokens, "min_tokens": args.min_tokens}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _chunking(args: argparse.Namespace, manifest: IndexManifest | None) -> dict[str, int]:
+    """KVSplit sizes: those given, else the existing index's, else the defaults."""
+    from .index import DEFAULT_CHUNKING
+
+    return {**DEFAULT_CHUNKING, **(manifest.chunking if manifest is not None else {}), **_given_chunking(args)}
+
+
+def _build_index(args: argparse.Namespace, old: IndexManifest | None, report, start: float):
+    from .index import build_index
+    from .manifest import read_manifest
+
+    model = args.model or (old.model if old is not None else DEFAULT_MODEL)
     app = build_index(
         args.docs_dir,
         args.index,
-        model=args.model,
-        parser_kwargs=parser_kwargs,
+        model=model,
+        parser_kwargs=_chunking(args, old),
         documents=report,
-        compile=args.compile,
+        compile=args.compile or (old.compile if old is not None and not args.model else None),
         kv_url=args.kv_url,
         kv_ttl_s=args.kv_ttl,
-        vector_store=args.vector_store,
+        vector_store=args.vector_store or (old.vector_store if old is not None else None),
         device=args.device,
-        dtype=args.dtype,
-    )
-    store = app.engine.store
-    tiers = ", ".join(
-        f"{t.name} {t.entries} entries, {t.bytes / 2**20:.1f} MiB"
-        for b, t in zip(store.backends, store.stats().tiers, strict=True)
-        if b.persistent
+        dtype=args.dtype or (old.dtype if old is not None and not args.model else None),
     )
     manifest = read_manifest(args.index)
     print(report.summary())
     print(
         f"indexed {manifest.nodes} chunks from {args.docs_dir} into {args.index} "
-        f"with {args.model} ({manifest.dtype or 'float32'} on {app.engine.device}, compile {manifest.compile}) in "
-        f"{time.perf_counter() - start:.1f} s; KV store: {tiers}"
+        f"with {model} ({manifest.dtype or 'float32'} on {app.engine.device}, compile {manifest.compile}) in "
+        f"{time.perf_counter() - start:.1f} s; KV store: {_kv_tiers(app)}"
     )
-    if args.calibrate:
-        from .calibrate import calibrate_index
+    return app
 
-        scores, best = calibrate_index(args.index, samples=args.calibrate_samples, engine=app.engine, manifest=manifest)
-        _print_calibration(scores, best, args.index)
+
+def _update_index(args: argparse.Namespace, manifest: IndexManifest, report, start: float):
+    from .index import open_index
+
+    app = open_index(
+        args.index, manifest=manifest, kv_url=args.kv_url, kv_ttl_s=args.kv_ttl, device=args.device, dtype=args.dtype
+    )
+    update = app.refresh(args.docs_dir, documents=report, show_progress=True)
+    print(report.summary())
+    print(update.summary())
+    generation = manifest.generation + (1 if update.added or update.changed or update.removed else 0)
+    print(
+        f"updated {args.index} in {time.perf_counter() - start:.1f} s (generation {generation}); "
+        f"{update.kv_deleted} unused KV files deleted ({update.bytes_freed / 2**20:.1f} MiB); "
+        f"KV store: {_kv_tiers(app)}"
+    )
+    return app
+
+
+def _kv_tiers(app) -> str:
+    """Entries and MiB of each persistent KV tier of `app`'s store."""
+    store = app.engine.store
+    return ", ".join(
+        f"{t.name} {t.entries} entries, {t.bytes / 2**20:.1f} MiB"
+        for b, t in zip(store.backends, store.stats().tiers, strict=True)
+        if b.persistent
+    )
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="an index built by `epic-rag index`")
+    p.set_defaults(func=_prune)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    require_extra("prune", "llama-index", "llama_index.core", "faiss", "sentence_transformers")
+    from .manifest import read_manifest
+    from .updating import prune_index
+
+    manifest = read_manifest(args.index)
+    deleted, freed, kept = prune_index(args.index, manifest)
+    print(
+        f"pruned {args.index}: {deleted} KV files no node references deleted ({freed / 2**20:.1f} MiB freed), "
+        f"{kept} kept"
+    )
     return 0
 
 
@@ -346,9 +464,10 @@ def _question_limit(args: argparse.Namespace, manifest: IndexManifest):
     return check
 
 
-def open_app(args: argparse.Namespace, manifest: IndexManifest | None = None):
+def open_app(args: argparse.Namespace, manifest: IndexManifest | None = None, engine=None):
     """The RagApp of `--index` as the command's arguments ask for it (`manifest`: the index's,
-    when the command has read it already; each command reads it once)."""
+    when the command has read it already; each command reads it once; `engine`: one already
+    loaded, as when a server reopens an updated index)."""
     require_extra(args.command, "llama-index", "llama_index.core", "faiss", "sentence_transformers")
     from .index import open_index
     from .manifest import read_manifest
@@ -371,6 +490,7 @@ def open_app(args: argparse.Namespace, manifest: IndexManifest | None = None):
         manifest=manifest,
         device=args.device,
         dtype=args.dtype,
+        engine=engine,
     )
 
 

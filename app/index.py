@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from epic_rag.integrations.llama_index.llm import EpicLLM, last_call
 from epic_rag.integrations.llama_index.node_parser import KVSplitNodeParser
 from epic_rag.integrations.llama_index.postprocessor import EpicKVPostprocessor
 from epic_rag.integrations.llama_index.precompute import EpicKVPrecompute
-from llama_index.core import Settings, StorageContext, VectorStoreIndex, load_index_from_storage
+from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex, load_index_from_storage
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.chat_engine import CondensePlusContextChatEngine, ContextChatEngine
 
@@ -35,6 +36,7 @@ from .history import BoundedHistory
 from .manifest import MANIFEST, IndexManifest, read_manifest
 from .prompts import CHAT_CONTEXT_TEMPLATE, CHAT_REFINE_TEMPLATE, CHAT_SYSTEM_PROMPT, QA_PROMPT, REFINE_PROMPT
 from .settings import CHAT_RETRIEVAL, HISTORY_TOKENS
+from .updating import ChromaTable, DocumentChanges, FaissTable, UpdateReport, apply_changes, updated_manifest
 from .vector_stores import chroma_vector_store, node_count, parse_chroma_url
 
 __all__ = [  # what callers import from here, the modules it draws on included
@@ -46,6 +48,7 @@ __all__ = [  # what callers import from here, the modules it draws on included
     "RagApp",
     "ReadReport",
     "build_index",
+    "index_can_update",
     "index_is_current",
     "open_index",
     "read_documents",
@@ -54,6 +57,7 @@ __all__ = [  # what callers import from here, the modules it draws on included
 ]
 
 LONG_PREFILL_TOKENS = 4096  # a prefill computing this many tokens shows a progress bar
+DEFAULT_CHUNKING = {"target_tokens": 256, "max_tokens": 384, "min_tokens": 48}  # KVSplit sizes, LLM tokens
 
 
 def use_settings(llm: EpicLLM, embed: SentenceTransformerEmbedding) -> None:
@@ -74,14 +78,75 @@ class RagApp:
         embed: SentenceTransformerEmbedding,
         top_k: int = 3,
         order: str = "retrieval",
+        index_dir: str | Path | None = None,
     ) -> None:
+        """`index_dir`: the folder the index was opened from, which `insert`, `delete` and
+        `refresh` keep up to date (None: an index that lives only in this process)."""
         self.index, self.llm, self.embed, self.top_k = index, llm, embed, top_k
+        self.index_dir = Path(index_dir) if index_dir is not None else None
         self.postprocessor = EpicKVPostprocessor(llm.engine, order=order)
         use_settings(llm, embed)
 
     @property
     def engine(self) -> EpicEngine:
         return self.llm.engine
+
+    def insert(self, documents: Sequence[Document], show_progress: bool = False) -> UpdateReport:
+        """Add documents, or replace those whose id the index holds with other content, running the
+        KVSplit parser and KV precompute as `epic-rag index` does; the index folder is updated."""
+        known = self._manifest().document_hashes
+        return self._update(DocumentChanges.between(known, list(documents), complete=False), None, show_progress)
+
+    def delete(self, document: str) -> UpdateReport:
+        """Remove a document, named by its id (its path inside the documents folder, as `epic-rag index`
+        records it) or by a path ending with that id; its nodes, vectors and KV files leave the index."""
+        known = self._manifest().document_hashes
+        doc_id = document if document in known else _id_of_path(document, known)
+        changes = DocumentChanges(removed=[doc_id], unchanged=[k for k in known if k != doc_id])
+        return self._update(changes, None, False)
+
+    def refresh(
+        self,
+        folder: str | Path,
+        strict: bool = False,
+        show_progress: bool = False,
+        documents: ReadReport | None = None,
+    ) -> UpdateReport:
+        """Bring the index in line with `folder`: its added, changed and removed documents only
+        (`documents`: the folder already read)."""
+        report = documents or read_documents(folder, strict=strict, progress=show_progress)
+        changes = DocumentChanges.between(self._manifest().document_hashes, report.documents, complete=True)
+        return self._update(changes, report.digest, show_progress)
+
+    def _manifest(self) -> IndexManifest:
+        if self.index_dir is None:
+            raise ValueError("this app has no index folder to update: open one with open_index or build_index")
+        manifest = read_manifest(self.index_dir)
+        if not manifest.document_hashes:
+            raise ValueError(
+                f"index {self.index_dir} was built before epic-rag kept per-document hashes, so it cannot be "
+                f"updated in place: rebuild it once with `epic-rag index DOCS_DIR --index {self.index_dir} --rebuild`"
+            )
+        return manifest
+
+    def _update(self, changes: DocumentChanges, digest: str | None, show_progress: bool) -> UpdateReport:
+        """Apply `changes` to the index and its folder; the manifest's generation moves on."""
+        manifest = self._manifest()
+        if not changes:
+            return UpdateReport(0, 0, 0, len(changes.unchanged))
+        mode = CompileMode.parse(manifest.compile)
+        table = (
+            ChromaTable(self.index)
+            if manifest.vector_store
+            else FaissTable(self.index, self.index_dir / "storage", _faiss_store)
+        )
+        transformations = index_transformations(self.engine, self.embed, manifest.chunking, mode, show_progress)
+        self.index, report, nodes = apply_changes(
+            self.engine, table, changes, transformations, self.embed, mode.kind == "similar", show_progress
+        )
+        self.index._transformations = transformations  # so `app.index.insert` splits and compiles as we do
+        updated_manifest(manifest, changes, nodes, digest).write(self.index_dir)
+        return report
 
     def query_engine(self, response_mode: str = "compact", streaming: bool = False, **kwargs: Any):
         """A query engine whose prompt keeps answers to the context and says so when it lacks them."""
@@ -186,7 +251,6 @@ def build_index(
     if vector_store is not None:
         parse_chroma_url(vector_store)  # a malformed URL fails before the model loads
     mode = CompileMode.parse(compile or builtin_compile(str(model)) or "alone")
-    precompute = dict(context=mode.kind, n=mode.n or DEFAULT_SIMILAR, show_progress=show_progress)
     report = documents or read_documents(docs_dir, strict=strict, progress=show_progress)
     docs = report.documents
     index_dir = Path(index_dir)
@@ -198,22 +262,15 @@ def build_index(
     )
     llm, embed = EpicLLM(engine, model_name=model), SentenceTransformerEmbedding(device=embed_device(engine))
     use_settings(llm, embed)
-    parser_kwargs = {"target_tokens": 256, "max_tokens": 384, "min_tokens": 48, **(parser_kwargs or {})}
-    parser = KVSplitNodeParser.from_engine(engine, **parser_kwargs)
+    parser_kwargs = {**DEFAULT_CHUNKING, **(parser_kwargs or {})}
+    transformations = index_transformations(engine, embed, parser_kwargs, mode, show_progress)
     shared = chroma_vector_store(vector_store, replace=True) if vector_store else None
     storage = StorageContext.from_defaults(vector_store=shared or _faiss_store(embed))
     index = VectorStoreIndex.from_documents(
-        docs,
-        storage_context=storage,
-        embed_model=embed,
-        transformations=[
-            parser,
-            EpicKVPrecompute(engine, embed, **precompute),
-        ],
-        show_progress=show_progress,
+        docs, storage_context=storage, embed_model=embed, transformations=transformations, show_progress=show_progress
     )
     if shared is None:
-        _persist_atomically(storage, index_dir / "storage")
+        persist_atomically(storage, index_dir / "storage")
     else:
         index_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(index_dir / "storage", ignore_errors=True)  # an older FAISS build of this folder
@@ -229,9 +286,28 @@ def build_index(
         compile=str(mode),
         vector_store=vector_store,
         dtype=None if engine.model.dtype == torch.float32 else str(engine.model.dtype).removeprefix("torch."),
+        document_hashes={d.id_: d.hash for d in docs},
+        generation=_generation(index_dir) + 1,
     )
     manifest.write(index_dir)
-    return RagApp(index, llm, embed, **app_kwargs)
+    return RagApp(index, llm, embed, index_dir=index_dir, **app_kwargs)
+
+
+def index_transformations(
+    engine: EpicEngine, embed: SentenceTransformerEmbedding, chunking: dict[str, Any], mode: CompileMode, progress: bool
+) -> list[Any]:
+    """What turns documents into an index's nodes: the KVSplit parser, then the KV precompute hook."""
+    parser = KVSplitNodeParser.from_engine(engine, **{**DEFAULT_CHUNKING, **chunking})
+    precompute = EpicKVPrecompute(engine, embed, context=mode.kind, n=mode.n or DEFAULT_SIMILAR, show_progress=progress)
+    return [parser, precompute]
+
+
+def _generation(index_dir: Path) -> int:
+    """The generation of the index in `index_dir` (0 when there is none, or it does not read)."""
+    try:
+        return read_manifest(index_dir).generation
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def embed_device(engine: EpicEngine) -> str:
@@ -250,7 +326,16 @@ def index_is_current(index_dir: str | Path, documents: ReadReport, model: str, c
     return manifest.documents_digest == documents.digest and _same_model(manifest.model) == _same_model(model)
 
 
-def _persist_atomically(storage: StorageContext, folder: Path) -> None:
+def index_can_update(index_dir: str | Path, model: str) -> bool:
+    """True when `index_dir` holds an index built with `model` that can be updated in place
+    (it records per-document hashes)."""
+    if not (Path(index_dir) / MANIFEST).is_file():
+        return False
+    manifest = read_manifest(index_dir)
+    return bool(manifest.document_hashes) and _same_model(manifest.model) == _same_model(model)
+
+
+def persist_atomically(storage: StorageContext, folder: Path) -> None:
     """Persist into a fresh sibling folder, then swap it in: an interrupted build leaves the
     previous index whole (and a leftover from one is cleared on the next)."""
     fresh, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
@@ -324,17 +409,20 @@ def open_index(
     policy = policy or manifest.policy or engine.default_policy
     llm = EpicLLM(engine, model_name=manifest.model, policy=policy, max_new_tokens=max_new_tokens)
     use_settings(llm, embed)
+    # `index.insert(document)` then splits and compiles as `epic-rag index` does (not LlamaIndex's default splitter)
+    steps = index_transformations(engine, embed, manifest.chunking, CompileMode.parse(manifest.compile), False)
     if manifest.vector_store:
-        index = VectorStoreIndex.from_vector_store(chroma_vector_store(manifest.vector_store), embed_model=embed)
-        return RagApp(index, llm, embed, **app_kwargs)
-    from llama_index.vector_stores.faiss import FaissVectorStore
+        store = chroma_vector_store(manifest.vector_store)
+        index = VectorStoreIndex.from_vector_store(store, embed_model=embed, transformations=steps)
+    else:
+        from llama_index.vector_stores.faiss import FaissVectorStore
 
-    storage_dir = str(index_dir / "storage")
-    storage = StorageContext.from_defaults(
-        vector_store=FaissVectorStore.from_persist_dir(storage_dir), persist_dir=storage_dir
-    )
-    index = load_index_from_storage(storage, embed_model=embed)
-    return RagApp(index, llm, embed, **app_kwargs)
+        storage_dir = str(index_dir / "storage")
+        storage = StorageContext.from_defaults(
+            vector_store=FaissVectorStore.from_persist_dir(storage_dir), persist_dir=storage_dir
+        )
+        index = load_index_from_storage(storage, embed_model=embed, transformations=steps)
+    return RagApp(index, llm, embed, index_dir=index_dir, **app_kwargs)
 
 
 def _same_model(spec: str) -> str:
@@ -348,3 +436,15 @@ def _faiss_store(embed: SentenceTransformerEmbedding):
 
     dim = len(embed.get_text_embedding("dimension probe"))
     return FaissVectorStore(faiss_index=faiss.IndexFlatIP(dim))
+
+
+def _id_of_path(path: str, known: dict[str, str]) -> str:
+    """The document id a path names: the id it ends with (ids are paths inside the documents folder)."""
+    posix = Path(path).as_posix()
+    matches = [doc_id for doc_id in known if posix == doc_id or posix.endswith("/" + doc_id)]
+    if len(matches) != 1:
+        raise ValueError(
+            f"{path!r} names {'no' if not matches else 'more than one'} document of this index; "
+            f"give its id, one of: {', '.join(sorted(known)[:8])}{' ...' if len(known) > 8 else ''}"
+        )
+    return matches[0]

@@ -35,12 +35,15 @@ class IndexManifest(BaseModel):
     vector_store: str | None = None  # chroma://host:port/collection; None: FAISS files in storage/
     dtype: str | None = None  # compute dtype of its chunk KV when not float32 (unwritten then: older readers agree)
     fingerprint_scheme: str = "float-sum"  # how `fingerprint` was computed (see epic_rag.model.fingerprint)
+    document_hashes: dict[str, str] = Field(default_factory=dict)  # document id -> LlamaIndex hash, for updates
+    generation: int = 0  # +1 at every build or update: a running server reopens the index when it changes
 
     def write(self, index_dir: str | Path) -> None:
         """Write it into `index_dir` atomically: a reader sees the old manifest or the new one."""
         path = Path(index_dir) / MANIFEST
         tmp = path.with_suffix(".tmp")
-        legacy = {"dtype": None, "fingerprint_scheme": "float-sum"}  # unwritten at these values, as before them
+        legacy = {"dtype": None, "fingerprint_scheme": "float-sum", "document_hashes": {}, "generation": 0}
+        # (fields unwritten at these values, as before they existed, so older readers agree)
         tmp.write_text(self.model_dump_json(indent=2, exclude={k for k, v in legacy.items() if getattr(self, k) == v}))
         os.replace(tmp, path)
 

@@ -6,11 +6,11 @@
 
 With --index alone it opens that index with the model that built it. With a documents
 folder (the sample one by default) it indexes the folder (KVSplit chunks, chunk KV stored
-by EpicKVPrecompute, FAISS vectors) and reuses that index while the documents and the
-model stay the same. Then it chats as `epic-rag chat` does: each answer streams, a
-follow-up sees the conversation so far, and after each answer come its sources, time to
-first token and what KV was reused. /reset clears the conversation; /quit, /exit, Ctrl-D
-or Ctrl-C end it.
+by EpicKVPrecompute, FAISS vectors) and reuses that index while the model stays the same,
+updating it with the documents added, changed or removed since. Then it chats as
+`epic-rag chat` does: each answer streams, a follow-up sees the conversation so far, and
+after each answer come its sources, time to first token and what KV was reused. /reset
+clears the conversation; /quit, /exit, Ctrl-D or Ctrl-C end it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from epic_rag.app.chat import chat_loop
 from epic_rag.app.documents import read_documents
-from epic_rag.app.index import RagApp, build_index, index_is_current, open_index
+from epic_rag.app.index import RagApp, build_index, index_can_update, index_is_current, open_index
 
 from epic_rag import DEFAULT_MODEL
 from epic_rag.offline import cache_dir
@@ -31,14 +31,18 @@ SAMPLE_DOCS = Path(__file__).resolve().parent / "sample_docs"
 
 def open_app(docs: str | None, index: str | None, model: str | None) -> RagApp:
     """The index at `index` as it is when no documents folder is given; else an index of `docs`
-    (the sample documents by default), built when the documents or the model changed."""
+    (the sample documents by default), updated when the documents changed, built when the model did."""
     if docs is None and index is not None:
         return open_index(index, model=model)
     docs, index, model = docs or str(SAMPLE_DOCS), index or str(cache_dir() / "example_index"), model or DEFAULT_MODEL
     documents = read_documents(docs, progress=True)
     if index_is_current(index, documents, model):
         return open_index(index, model=model)
-    print(f"indexing {docs} (new, or the documents or the model changed since {index} was built)")
+    if index_can_update(index, model):
+        app = open_index(index, model=model)
+        print(f"updating {index}: {app.refresh(docs, documents=documents, show_progress=True).summary()}")
+        return app
+    print(f"indexing {docs} (new, or the model changed since {index} was built)")
     return build_index(docs, index, model=model, documents=documents)
 
 

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from epic_rag.app.index import HISTORY_TOKENS, RagApp
+from epic_rag.app.index import HISTORY_TOKENS
+from epic_rag.app.live_index import LiveIndex
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -39,7 +40,7 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 
 def create_app(
-    rag: RagApp,
+    live: LiveIndex,
     model_id: str,
     api_key: str | None = None,
     max_waiting: int = 16,
@@ -47,12 +48,14 @@ def create_app(
     max_tokens: int = 1024,
     history_tokens: int = HISTORY_TOKENS,
 ) -> FastAPI:
-    """The FastAPI app serving `rag` under the model id `model_id`."""
+    """The FastAPI app serving the index `live` follows under the model id `model_id` (an update of
+    the index is picked up between requests, over the same engine)."""
+    rag = live.current()
     worker = EngineWorker(max_waiting)
     metrics = Metrics(worker)
     metrics.watch_store(rag.engine.store)
     limits = Limits(model_id, max_question_tokens, rag.engine.max_context, max_tokens)
-    chat = OpenAIServingChat(rag, limits, worker, metrics, history_tokens)
+    chat = OpenAIServingChat(live, limits, worker, metrics, history_tokens)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -86,7 +89,9 @@ def create_app(
     @app.get("/health")
     async def health() -> HealthResponse:
         tiers = {b.name: "up" if getattr(b, "available", True) else "down" for b in rag.engine.store.backends}
-        return HealthResponse(model=model_id, queue_depth=worker.depth, kv_tiers=tiers)
+        return HealthResponse(
+            model=model_id, queue_depth=worker.depth, kv_tiers=tiers, index_generation=live.generation
+        )
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -66,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     require_extra("serve", "serve", "fastapi", "uvicorn", "prometheus_client", "llama_index.core")
     import uvicorn
+    from epic_rag.app.live_index import LiveIndex
     from epic_rag.app.manifest import read_manifest
 
     from .api_server import check_bind, create_app
@@ -74,9 +75,10 @@ def _serve(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.index)  # a bad index folder fails before the model loads
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     rag = open_app(args, manifest)
+    live = LiveIndex(rag, reopen=lambda changed: open_app(args, changed, engine=rag.engine))
     model_id = args.model_id or Path(args.index).resolve().name
     app = create_app(
-        rag,
+        live,
         model_id,
         api_key=args.api_key,
         max_waiting=args.queue_size,

@@ -305,3 +305,4 @@ class HealthResponse(BaseModel):
     model: str
     queue_depth: int
     kv_tiers: dict[str, Literal["up", "down"]]
+    index_generation: int  # moves on with every build or update of the index; the server follows it

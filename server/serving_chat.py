@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from epic_rag.app.answering import AnswerReport, ChatRequest, answer
-from epic_rag.app.index import RagApp
+from epic_rag.app.live_index import LiveIndex
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from pydantic import BaseModel, ValidationError
@@ -136,14 +137,15 @@ def usage(report: AnswerReport) -> UsageInfo:
 
 
 class OpenAIServingChat:
-    """The chat-completions handler over one opened index: requests run one at a time on `worker`."""
+    """The chat-completions handler over one index (reopened when it is updated): requests run one
+    at a time on `worker`, each on the index as it is when the request starts."""
 
     def __init__(
-        self, rag: RagApp, limits: Limits, worker: EngineWorker, metrics: Metrics, history_tokens: int
+        self, live: LiveIndex, limits: Limits, worker: EngineWorker, metrics: Metrics, history_tokens: int
     ) -> None:
-        self.rag, self.limits, self.worker, self.metrics = rag, limits, worker, metrics
+        self.live, self.limits, self.worker, self.metrics = live, limits, worker, metrics
         self.history_tokens = history_tokens
-        tokenizer = rag.engine.tokenizer
+        tokenizer = live.current().engine.tokenizer
         self.count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     async def create_chat_completion(self, body: bytes) -> Response:
@@ -170,7 +172,10 @@ class OpenAIServingChat:
                 self.metrics.record(report)
             finish(report, error)
 
-        job = Job(run=lambda cancel: answer(self.rag, chat, on_delta, cancel, self.history_tokens), finish=finished)
+        def run(cancel: threading.Event) -> AnswerReport:
+            return answer(self.live.current(), chat, on_delta, cancel, self.history_tokens)
+
+        job = Job(run=run, finish=finished)
         try:
             self.worker.submit(job)
         except QueueFull as err:

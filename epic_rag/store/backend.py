@@ -41,6 +41,7 @@ class KVBackend(ABC):
 
     name: ClassVar[str] = "backend"
     persistent: ClassVar[bool] = False  # survives the process; `TieredStore.clear_memory` keeps it
+    shared: ClassVar[bool] = False  # other indexes and processes may use its entries: `TieredStore.forget` keeps them
 
     def bind(self, fingerprint: str) -> None:  # noqa: B027 - optional hook, most tiers need nothing
         """Called once with the model the store serves (a shared tier namespaces its keys by it)."""
@@ -60,6 +61,10 @@ class KVBackend(ABC):
     @abstractmethod
     def delete(self, key: str) -> bool:
         """Remove `key`; True if it was there."""
+
+    def size_of(self, key: str) -> int:
+        """Bytes `key` takes in this tier (0 when absent or not measured)."""
+        return 0
 
     @abstractmethod
     def keys(self) -> Iterator[str]:

@@ -71,6 +71,12 @@ class DiskBackend(KVBackend):
             return False
         return True
 
+    def size_of(self, key: str) -> int:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def keys(self) -> Iterator[str]:
         return (path.stem for path in self._files())
 

@@ -60,6 +60,7 @@ class RedisBackend(KVBackend):
 
     name = "redis"
     persistent = True
+    shared = True
 
     def __init__(
         self,

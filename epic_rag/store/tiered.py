@@ -11,7 +11,7 @@ callers: each tier guards its own state and the store's counters have a lock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -128,6 +128,19 @@ class TieredStore:
         return any(removed)
 
     evict = delete
+
+    def forget(self, keys: Iterable[str]) -> tuple[int, int]:
+        """Delete `keys` from the tiers this store owns (memory, disk), never from a shared one
+        (Redis: other indexes may use them; its TTL or eviction ages them out). Returns (entries
+        deleted from a persistent tier, bytes they held there)."""
+        owned = [backend for backend in self._backends if not backend.shared]
+        entries = freed = 0
+        for key in keys:
+            for backend in owned:
+                size = backend.size_of(key) if backend.persistent else 0
+                if backend.delete(key) and backend.persistent:
+                    entries, freed = entries + 1, freed + size
+        return entries, freed
 
     def keys(self) -> Iterator[str]:
         """Every key held by some tier, once each."""

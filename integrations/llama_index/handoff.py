@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from llama_index.core.schema import BaseNode, MetadataMode
 
+from epic_rag.prompt import PromptBuilder
+
 
 @dataclass
 class CallReport:
@@ -87,6 +89,15 @@ def set_handoff(handoff: Handoff | None) -> None:
 def node_key(node: BaseNode) -> str | None:
     """The chunk KV store key `EpicKVPrecompute` recorded on a node, if any."""
     return node.metadata.get(KV_KEY)
+
+
+def store_keys(prompt: PromptBuilder, node: BaseNode) -> set[str]:
+    """The KV store keys a node uses: its recorded entry, and its chunk's plain entry (what linked
+    compile starts from, and what a node without a recorded key is found by). `prompt` (the
+    engine's `PromptBuilder`) is all it takes: the tokenizer and the fingerprint, not the model."""
+    text = llm_text(node)
+    keys = {prompt.key_of(prompt.chunk_token_ids(text))} if text else set()
+    return keys | ({node.metadata[KV_KEY]} if node.metadata.get(KV_KEY) else set())
 
 
 def llm_text(node: BaseNode) -> str:

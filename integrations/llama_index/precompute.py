@@ -11,6 +11,11 @@ Each node is compiled alone, after the node before it in its document ("neighbou
 after the `n` nodes of the batch most similar to it by embedding ("similar", linked from
 their own KV: FusionRAG's offline stage); the ids of the nodes it saw are kept in its
 metadata, comma-separated, nearest last (flat, as every vector store accepts).
+
+In an `IngestionPipeline` its cache key covers the model's fingerprint and the compile
+mode (fields of the component), so a switch of either runs it again. Given the pipeline's
+docstore, it records which entries each source document's nodes use and deletes, from the
+store's own tiers, those that only replaced or removed documents' nodes used.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from llama_index.core import Settings
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.schema import BaseNode, MetadataMode, TransformComponent
+from llama_index.core.storage.docstore.types import BaseDocumentStore
 
 from epic_rag import EpicEngine
 from epic_rag.compile import nearest_neighbours
 from epic_rag.compile_spec import DEFAULT_SIMILAR
 
-from .handoff import CONTEXT_KEY, KV_KEY, llm_text
+from .document_keys import DocumentKeys
+from .handoff import CONTEXT_KEY, KV_KEY, llm_text, store_keys
 
 
 class EpicKVPrecompute(TransformComponent):
@@ -39,16 +46,26 @@ class EpicKVPrecompute(TransformComponent):
         default="alone", description="compile each node alone, after its predecessor, or after similar nodes"
     )
     n: int = Field(default=DEFAULT_SIMILAR, ge=1, description="similar nodes each node is compiled after")
+    model_fingerprint: str = Field(default="", description="the engine's model fingerprint (part of the cache key)")
 
     _engine: EpicEngine = PrivateAttr()
     _embed_model: BaseEmbedding | None = PrivateAttr(default=None)
+    _documents: DocumentKeys | None = PrivateAttr(default=None)
 
-    def __init__(self, engine: EpicEngine, embed_model: BaseEmbedding | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        engine: EpicEngine,
+        embed_model: BaseEmbedding | None = None,
+        docstore: BaseDocumentStore | None = None,
+        **kwargs: Any,
+    ) -> None:
         """`embed_model` embeds nodes that arrive without an embedding for "similar" (default:
-        `Settings.embed_model`); the vectors stay on the nodes, so the index does not embed again."""
-        super().__init__(**kwargs)
+        `Settings.embed_model`); the vectors stay on the nodes, so the index does not embed again.
+        `docstore`: the ingestion pipeline's, to drop the entries of replaced and removed documents."""
+        super().__init__(model_fingerprint=engine.fingerprint, **kwargs)
         self._engine = engine
         self._embed_model = embed_model
+        self._documents = DocumentKeys(docstore) if docstore is not None else None
 
     @classmethod
     def class_name(cls) -> str:
@@ -66,7 +83,16 @@ class EpicKVPrecompute(TransformComponent):
         )
         for (node, _), chunk_id in zip(keyed, chunk_ids, strict=True):
             node.metadata[KV_KEY] = chunk_id.removeprefix("kv:")
+        if self._documents is not None:
+            self._drop_replaced([node for node, _ in keyed])
         return nodes
+
+    def _drop_replaced(self, nodes: list[BaseNode]) -> None:
+        """Record these nodes' keys per source document; delete the keys no document uses now."""
+        keys: dict[str, set[str]] = {}
+        for node in nodes:
+            keys.setdefault(node.ref_doc_id or node.node_id, set()).update(store_keys(self._engine.prompt, node))
+        self._engine.store.forget(sorted(self._documents.replace(keys)))
 
     @staticmethod
     def _predecessors(keyed: list[tuple[BaseNode, str]]) -> list[str | None]:
