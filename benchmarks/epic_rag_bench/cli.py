@@ -20,6 +20,7 @@ HARNESSES = {
     "app-quality": ("app_quality", "end-to-end quality of ask and chat on question files, per policy"),
     "compile-cost": ("compile_cost", "index-time cost of each compile mode (alone, neighbour, similar:N)"),
     "dtypes": ("dtypes", "TTFT and first-token KL against float32 of each compute dtype, per method"),
+    "reindex": ("reindex", "an index update after one document changed, was added or removed, against a full build"),
     "frontier": ("frontier", "quality-vs-TTFT frontier of policy/compile pairs from saved accuracy/qa runs"),
 }
 

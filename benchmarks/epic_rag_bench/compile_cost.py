@@ -10,7 +10,6 @@ under every mode: only this differs.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from epic_rag.store import KVStore
 
 from .accuracy import machine
 from .devices import add_device_arguments, resolve_device_arguments
+from .output import write_result
 from .qa import corpus_chunks
 from .records import ChunkIndex
 
@@ -96,8 +96,5 @@ def main(args: argparse.Namespace) -> int:
         "tokens": sum(engine.chunk_token_ids(t).numel() for t in texts),
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    print(format_table(result))
-    print(f"wrote {args.out / 'results.json'}")
+    write_result(args.out, result, format_table(result))
     return 0
