@@ -36,7 +36,15 @@ from .history import BoundedHistory
 from .manifest import MANIFEST, IndexManifest, read_manifest
 from .prompts import CHAT_CONTEXT_TEMPLATE, CHAT_REFINE_TEMPLATE, CHAT_SYSTEM_PROMPT, QA_PROMPT, REFINE_PROMPT
 from .settings import CHAT_RETRIEVAL, HISTORY_TOKENS
-from .updating import ChromaTable, DocumentChanges, FaissTable, UpdateReport, apply_changes, updated_manifest
+from .updating import (
+    ChromaTable,
+    DocumentChanges,
+    FaissTable,
+    UpdateReport,
+    apply_changes,
+    updated_hashes,
+    updated_manifest,
+)
 from .vector_stores import chroma_vector_store, node_count, parse_chroma_url
 
 __all__ = [  # what callers import from here, the modules it draws on included
@@ -135,11 +143,11 @@ class RagApp:
         if not changes:
             return UpdateReport(0, 0, 0, len(changes.unchanged))
         mode = CompileMode.parse(manifest.compile)
-        table = (
-            ChromaTable(self.index)
-            if manifest.vector_store
-            else FaissTable(self.index, self.index_dir / "storage", _faiss_store)
-        )
+        if manifest.vector_store:
+            table = ChromaTable(self.index)
+        else:
+            hashes = updated_hashes(manifest, changes)
+            table = FaissTable(self.index, self.index_dir / "storage", _faiss_store, hashes)
         transformations = index_transformations(self.engine, self.embed, manifest.chunking, mode, show_progress)
         self.index, report, nodes = apply_changes(
             self.engine, table, changes, transformations, self.embed, mode.kind == "similar", show_progress

@@ -118,9 +118,10 @@ class FaissTable(NodeTable):
 
     rewrites_all = True
 
-    def __init__(self, index: VectorStoreIndex, storage_dir: Path, faiss_store: Any) -> None:
+    def __init__(self, index: VectorStoreIndex, storage_dir: Path, faiss_store: Any, hashes: dict[str, str]) -> None:
+        """`hashes`: every document's hash after the update (document id -> `Document.hash`)."""
         super().__init__(index)
-        self.storage_dir, self.faiss_store = storage_dir, faiss_store
+        self.storage_dir, self.faiss_store, self.hashes = storage_dir, faiss_store, hashes
 
     def nodes(self, with_embeddings: bool = False) -> list[BaseNode]:
         position_of = {node_id: int(pos) for pos, node_id in self.index.index_struct.nodes_dict.items()}
@@ -135,13 +136,9 @@ class FaissTable(NodeTable):
     def replace(self, keep: list[BaseNode], add: list[BaseNode], drop_ids: set[str], embed: Any) -> VectorStoreIndex:
         from .index import persist_atomically
 
-        hashes = {doc_id: h for h, doc_id in self.index.docstore.get_all_document_hashes().items()}
         storage = StorageContext.from_defaults(vector_store=self.faiss_store(embed))
         index = VectorStoreIndex(nodes=keep + add, storage_context=storage, embed_model=embed)
-        live_docs = {n.ref_doc_id for n in keep + add}
-        for doc_id, h in hashes.items():
-            if doc_id in live_docs:
-                storage.docstore.set_document_hash(doc_id, h)
+        storage.docstore.set_document_hashes(self.hashes)  # as `from_documents` leaves them, for LlamaIndex's refresh
         persist_atomically(storage, self.storage_dir)
         return index
 
@@ -238,12 +235,17 @@ def _embed(nodes: list[BaseNode], embed: Any, show_progress: bool) -> None:
         node.embedding = vector
 
 
+def updated_hashes(manifest: IndexManifest, changes: DocumentChanges) -> dict[str, str]:
+    """Every document's hash once `changes` are applied."""
+    hashes = {k: v for k, v in manifest.document_hashes.items() if k not in changes.removed}
+    return hashes | {d.id_: d.hash for d in changes.added + changes.changed}
+
+
 def updated_manifest(
     manifest: IndexManifest, changes: DocumentChanges, nodes: int, digest: str | None
 ) -> IndexManifest:
     """`manifest` after `changes`: document hashes, counts, the folder digest and the next generation."""
-    hashes = {k: v for k, v in manifest.document_hashes.items() if k not in changes.removed}
-    hashes.update({d.id_: d.hash for d in changes.added + changes.changed})
+    hashes = updated_hashes(manifest, changes)
     return manifest.model_copy(
         update={
             "document_hashes": hashes,

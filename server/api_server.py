@@ -89,6 +89,7 @@ def create_app(
     @app.get("/health")
     async def health() -> HealthResponse:
         tiers = {b.name: "up" if getattr(b, "available", True) else "down" for b in rag.engine.store.backends}
+        await asyncio.to_thread(live.current)  # an updated index is reopened here too, so operators see it at once
         return HealthResponse(
             model=model_id, queue_depth=worker.depth, kv_tiers=tiers, index_generation=live.generation
         )

@@ -309,6 +309,7 @@ def test_a_client_that_walks_away_frees_the_engine(client, server, reference):
         "model": "docs-index",
         "queue_depth": 0,
         "kv_tiers": {"memory": "up", "disk": "up"},
+        "index_generation": 1,
     }
     after = metrics(server.url)
     assert after["epic_rag_cancelled_total"] - before.get("epic_rag_cancelled_total", 0) == 1  # the story stopped
