@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from epic_rag.integrations.llama_index.handoff import current_handoff, set_handoff
+from epic_rag.integrations.llama_index.handoff import Handoff, current_handoff, set_handoff
 from epic_rag.integrations.llama_index.llm import EpicLLM
-from llama_index.core.base.llms.types import ChatMessage
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
 from .index import HISTORY_TOKENS, RagApp
 
@@ -34,6 +34,9 @@ class ChatRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (not included)
+    retrieval: bool = True  # False: the model alone, no documents (a chat client's titles, tags, small talk)
+    raw: bool = False  # without retrieval: continue `question` as plain text, no chat template (completions)
 
 
 @dataclass
@@ -90,12 +93,23 @@ def answer(
         temperature=request.temperature,
         top_p=request.top_p,
         seed=request.seed,
+        stop=list(request.stop),
+        persist_prompt_head=request.system is None,  # a client's own system text stays in memory
     )
     rag = RagApp(app.index, llm, app.embed, top_k=request.top_k or app.top_k)
     set_handoff(None)
     tier_hits = app.engine.store.hits_by_tier()  # answers run one at a time: the difference is this one's
     writer = None
-    if request.history or request.system:
+    if not request.retrieval:
+        set_handoff(Handoff(chunks=[]))  # no chunks: the call's report still lands here
+        if request.raw:
+            deltas = (r.delta for r in llm.stream_complete(request.question, formatted=True))
+        else:
+            system = [ChatMessage(role=MessageRole.SYSTEM, content=request.system)] if request.system else []
+            messages = [*system, *request.history, ChatMessage(role=MessageRole.USER, content=request.question)]
+            deltas = (r.delta for r in llm.stream_chat(messages))
+        response = None
+    elif request.history or request.system:
         chat = rag.chat_engine(history_tokens=history_tokens, extra_system=request.system)
         response = chat.stream_chat(request.question, chat_history=list(request.history))
         deltas, writer = response.response_gen, getattr(response, "write_response_to_history_thread", None)
@@ -109,7 +123,8 @@ def answer(
     if writer is not None:
         writer.join()
     reads = {tier: n - tier_hits[tier] for tier, n in app.engine.store.hits_by_tier().items()}
-    return _report(text, response.source_nodes, cancel is not None and cancel.is_set(), llm.policy, reads)
+    sources = response.source_nodes if response is not None else []
+    return _report(text, sources, cancel is not None and cancel.is_set(), llm.policy, reads)
 
 
 def _report(

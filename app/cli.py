@@ -192,6 +192,14 @@ def add_kv_args(p: argparse.ArgumentParser) -> None:
             help="size of the in-process chunk KV tier (default 2048; 0: read every chunk from disk or Redis)",
         )
         p.add_argument(
+            "--kv-disk-mb",
+            type=int,
+            default=None,
+            metavar="MB",
+            help="most the index's kv/ folder may hold; least recently used entries are deleted first (default: "
+            "no limit)",
+        )
+        p.add_argument(
             "--no-local-kv",
             dest="local_kv",
             action="store_false",
@@ -477,6 +485,8 @@ def open_app(args: argparse.Namespace, manifest: IndexManifest | None = None, en
         raise ValueError("--no-local-kv leaves chunk KV nowhere to persist: give --kv-url too, or drop it")
     if args.kv_memory_mb < 0:
         raise ValueError(f"--kv-memory-mb must be 0 or more, got {args.kv_memory_mb}")
+    if args.kv_disk_mb is not None and args.kv_disk_mb <= 0:
+        raise ValueError(f"--kv-disk-mb must be more than 0, got {args.kv_disk_mb}")
     return open_index(
         args.index,
         model=args.model,
@@ -486,6 +496,7 @@ def open_app(args: argparse.Namespace, manifest: IndexManifest | None = None, en
         kv_url=args.kv_url,
         kv_ttl_s=args.kv_ttl,
         kv_memory_bytes=args.kv_memory_mb << 20,
+        kv_disk_bytes=args.kv_disk_mb << 20 if args.kv_disk_mb is not None else None,
         local_kv=args.local_kv,
         manifest=manifest,
         device=args.device,

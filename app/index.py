@@ -365,6 +365,7 @@ def open_index(
     kv_url: str | None = None,
     kv_ttl_s: int | None = None,
     kv_memory_bytes: int = 2 << 30,
+    kv_disk_bytes: int | None = None,
     local_kv: bool = True,
     manifest: IndexManifest | None = None,
     device: str | None = None,
@@ -378,7 +379,8 @@ def open_index(
     The policy is `policy` when given, else the one `epic-rag calibrate` recorded for this
     index, else the engine's default policy. With `kv_url`, chunk KV missing from the
     index's own kv/ folder is read from (and written to) that Redis server; the app keeps
-    answering while it is down. `kv_memory_bytes` bounds the in-process tier; without
+    answering while it is down. `kv_memory_bytes` bounds the in-process tier, `kv_disk_bytes`
+    the kv/ folder (least recently used entries deleted first); without
     `local_kv` the kv/ folder is not used (a replica that relies on Redis alone). `manifest`:
     the one the caller already read from `index_dir` (read here when not given)."""
     index_dir = Path(index_dir)
@@ -399,7 +401,11 @@ def open_index(
     engine = engine or EpicEngine.from_pretrained(
         manifest.model,
         store=KVStore(
-            index_dir / "kv" if local_kv else None, memory_budget=kv_memory_bytes, kv_url=kv_url, kv_ttl_s=kv_ttl_s
+            index_dir / "kv" if local_kv else None,
+            memory_budget=kv_memory_bytes,
+            kv_url=kv_url,
+            kv_ttl_s=kv_ttl_s,
+            disk_budget=kv_disk_bytes,
         ),
         progress_tokens=LONG_PREFILL_TOKENS,
         device=device,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,9 +27,9 @@ from tqdm.auto import tqdm
 from .cache import PositionalKVCache
 from .compile import chunk_contexts, encode_chunk
 from .decode import stream_answer
-from .forward import run_layers
+from .forward import cancellable, run_layers
 from .kv import ChunkKV, CompileContext
-from .layout import PromptLayout, Segment
+from .layout import Kind, PromptLayout, Segment
 from .model import FINGERPRINT_SCHEMES, check_supported, fingerprint, kv_geometry, load_model, rotary_facts
 from .offline import DEFAULT_MODEL, builtin_policy
 from .policies import RecomputePolicy, parse_policy
@@ -128,16 +129,21 @@ class EpicEngine:
             return encode_chunk(self.model, self._new_cache(n), token_ids, context, self.rotary.inv_freq, linked)
 
     def fetch(
-        self, token_ids: torch.Tensor, key: str | None = None, context: CompileContext | None = None
+        self,
+        token_ids: torch.Tensor,
+        key: str | None = None,
+        context: CompileContext | None = None,
+        persist: bool = True,
     ) -> tuple[ChunkKV, bool]:
-        """(entry, was_hit): from the store, or computed (after `context`), stored and returned
-        as stored (later hits see the same: the first answer is not more exact than the next)."""
+        """(entry, was_hit): from the store, or computed (after `context`), stored (in memory only
+        unless `persist`) and returned as stored (later hits see the same: the first answer is
+        not more exact than the next)."""
         with self.lock:
             entry = self.store.get(key or self.key_of(token_ids, context))
             if entry is not None:
                 return entry, True
             entry = self.store.stored_form(self.encode(token_ids, context))
-            self.store.put(entry)
+            self.store.put(entry, persist=persist)
         return entry, False
 
     def add_chunks(
@@ -187,21 +193,24 @@ class EpicEngine:
     def _new_cache(self, capacity: int) -> PositionalKVCache:
         return PositionalKVCache(self.n_layers, self.kv_heads, self.head_dim, capacity, self.model.dtype, self.device)
 
-    def _fetch_segment(self, seg: Segment) -> tuple[ChunkKV, bool]:
+    def _fetch_segment(self, seg: Segment, persist_head: bool = True) -> tuple[ChunkKV, bool]:
         ids = seg.source_ids if seg.source_ids is not None else seg.token_ids
-        entry, hit = self.fetch(ids, seg.key, self.chunks.context_of(seg.key))
+        persist = persist_head or seg.kind != Kind.PREFIX
+        entry, hit = self.fetch(ids, seg.key, self.chunks.context_of(seg.key), persist)
         return entry.covering(seg.token_ids, seg.key), hit
 
-    def prefill(self, layout: PromptLayout, policy: Policy | None = None, extra_capacity: int = 0) -> PrefillResult:
-        """Link the cached segments and recompute what `policy` selects; next-token logits."""
+    def prefill(
+        self, layout: PromptLayout, policy: Policy | None = None, extra_capacity: int = 0, persist_head: bool = True
+    ) -> PrefillResult:
+        """Link the cached segments and recompute what `policy` selects; next-token logits. Without
+        `persist_head` a computed prompt head stays in memory (one holding a client's own text)."""
         policy = parse_policy(policy or self.default_policy)
         self._check_length(layout.length, extra_capacity)
         cache = self._new_cache(layout.length + extra_capacity)
+        fetch = partial(self._fetch_segment, persist_head=persist_head)
         with self.lock:
             run = dict(progress_tokens=self.progress_tokens, timing=self.timing)
-            return selective_prefill(
-                self.model, layout, policy, cache, self._fetch_segment, self.rotary.inv_freq, **run
-            )
+            return selective_prefill(self.model, layout, policy, cache, fetch, self.rotary.inv_freq, **run)
 
     @torch.inference_mode()
     def extend(
@@ -223,13 +232,22 @@ class EpicEngine:
         return self.prefill(self.layout(question, chunks, system), policy).logits
 
     # ---- generation --------------------------------------------------------------------------
-    def stream_layout(self, layout: PromptLayout, policy: Policy | None = None, **sampling) -> TokenStream:
+    def stream_layout(
+        self,
+        layout: PromptLayout,
+        policy: Policy | None = None,
+        cancel: threading.Event | None = None,
+        persist_head: bool = True,
+        **sampling,
+    ) -> TokenStream:
         """Text deltas of the answer after `layout`; the engine's lock is held only inside the prefill
-        and each decoded token, never while the caller holds a delta."""
+        and each decoded token, never while the caller holds a delta. Setting `cancel` stops the
+        prefill before its next layer (`Cancelled` from the first delta); see `prefill` for `persist_head`."""
         params = SamplingParams.from_kwargs(**sampling)
 
         def prefill() -> PrefillResult:
-            return self.prefill(layout, policy, extra_capacity=params.max_new_tokens)
+            with cancellable(cancel):
+                return self.prefill(layout, policy, params.max_new_tokens, persist_head)
 
         return stream_answer(prefill, self.extend, self.tokenizer, self.stop_token_ids, params)
 

@@ -5,10 +5,18 @@ The tokens attend causally to everything the positional cache holds below `lengt
 layer. A `LayerHook` sees the state around one layer and may narrow the positions still
 being computed (CacheBlend) or stop the pass (a scoring probe); this is the one place
 where a policy looks inside the model.
+
+A pass can be cancelled between layers: inside `cancellable(event)`, a set event stops
+the next layer from starting (`Cancelled`), so a caller that went away costs at most one
+layer of a long prefill.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +25,23 @@ from tqdm.auto import tqdm
 
 from .cache import PositionalKVCache
 from .rescale import ATTENTION_NAME
+
+
+class Cancelled(RuntimeError):
+    """A forward pass stopped between layers because its caller asked (its client went away)."""
+
+
+_cancel: ContextVar[threading.Event | None] = ContextVar("epic_rag_cancel", default=None)
+
+
+@contextmanager
+def cancellable(event: threading.Event | None) -> Iterator[None]:
+    """Forward passes run inside this block stop before their next layer once `event` is set."""
+    token = _cancel.set(event)
+    try:
+        yield
+    finally:
+        _cancel.reset(token)
 
 
 @dataclass
@@ -97,7 +122,10 @@ def run_layers(
             f"{model.config._attn_implementation!r}; pick a policy without +ape"
         )
     layers = tqdm(inner.layers, desc=f"prefill of {positions.numel()} tokens", unit="layer", disable=not progress)
+    cancel = _cancel.get()
     for i, layer in enumerate(layers):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled before layer {i} of {len(inner.layers)}")
         hooked = hook is not None and i in hook.layers
         if hooked:
             hook.before(LayerState(i, layer, hidden, positions, cos, sin, cache, length))

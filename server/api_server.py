@@ -1,9 +1,11 @@
 """The FastAPI app of `epic-rag serve`: its routes, API-key check and OpenAI-style errors.
 
-`/v1/models` lists the index as a model, `/v1/chat/completions` answers with retrieval, KV
-linking and the policy done here (`serving_chat`), `/health` and `/metrics` (Prometheus,
-`metrics`) are for operators, and `/` is the web chat (`web/`). One model in memory;
-requests wait in a bounded queue and run one at a time (`worker`).
+`/v1/models` lists the index as two models (with retrieval, and `:chat` without),
+`/v1/chat/completions` and `/v1/completions` answer with retrieval, KV linking and the policy
+done here (`serving_chat`), `/health` and `/metrics` (Prometheus, `metrics`) are for
+operators, and `/` is the web chat (`web/`). One model in memory; requests wait in a bounded
+queue and run one at a time (`worker`). Browsers on `cors_origins` may call it; any other
+path is an OpenAI-style 404.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from importlib import resources
 from epic_rag.app.index import HISTORY_TOKENS
 from epic_rag.app.live_index import LiveIndex
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .metrics import Metrics
 from .protocol import APIError, HealthResponse, ModelCard, ModelList
-from .serving_chat import Limits, OpenAIServingChat
+from .serving_chat import Limits, OpenAIServing
 from .worker import EngineWorker
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -47,6 +51,7 @@ def create_app(
     max_question_tokens: int = 1024,
     max_tokens: int = 1024,
     history_tokens: int = HISTORY_TOKENS,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving the index `live` follows under the model id `model_id` (an update of
     the index is picked up between requests, over the same engine)."""
@@ -55,7 +60,7 @@ def create_app(
     metrics = Metrics(worker)
     metrics.watch_store(rag.engine.store)
     limits = Limits(model_id, max_question_tokens, rag.engine.max_context, max_tokens)
-    chat = OpenAIServingChat(live, limits, worker, metrics, history_tokens)
+    serving = OpenAIServing(live, limits, worker, metrics, history_tokens)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -65,6 +70,24 @@ def create_app(
     app = FastAPI(title="epic-rag", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker, app.state.metrics = worker, metrics
     app.mount("/static", StaticFiles(directory=str(WEB)), name="static")
+    if cors_origins:  # off by default: only the origins named may call the API from a browser
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 404:
+            message = (
+                f"no route {request.method} {request.url.path}: see /v1/models, /v1/chat/completions, /v1/completions"
+            )
+            return await api_error(request, APIError(404, message, code="not_found"))
+        if err.status_code == 405:
+            return await api_error(request, APIError(405, f"{request.method} is not allowed on {request.url.path}"))
+        return await api_error(request, APIError(err.status_code, str(err.detail)))
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -102,11 +125,23 @@ def create_app(
     @app.get("/v1/models")
     async def models(request: Request) -> ModelList:
         authorize(request)
-        return ModelList(data=[ModelCard(id=model_id)])
+        return ModelList(data=[ModelCard(id=m) for m in limits.model_ids])
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request) -> ModelCard:
+        authorize(request)
+        if model not in limits.model_ids:
+            raise APIError(404, f"the model {model!r} does not exist", "model", "model_not_found")
+        return ModelCard(id=model)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         authorize(request)
-        return await chat.create_chat_completion(await request.body())
+        return await serving.create_chat_completion(await request.body(), request.is_disconnected)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        return await serving.create_completion(await request.body(), request.is_disconnected)
 
     return app

@@ -54,6 +54,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads for the one running request (default: the CPU count)"
     )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=None,
+        metavar="ORIGIN",
+        help="let web pages from this origin (e.g. http://localhost:3000) call the API; repeat for several "
+        "(default: none, browsers may not)",
+    )
     add_kv_args(p)
     add_device_args(p)
     p.set_defaults(func=_serve)
@@ -84,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_waiting=args.queue_size,
         max_question_tokens=args.max_question_tokens,
         max_tokens=args.max_tokens,
+        cors_origins=args.cors_origin,
     )
     print(
         f"epic-rag serve: model id {model_id!r}, policy {rag.llm.policy}, on http://{args.host}:{args.port}/",

@@ -1,9 +1,9 @@
-"""The OpenAI chat-completions schemas as pydantic models: the request, the responses, the errors.
+"""The OpenAI chat-completions and completions schemas as pydantic models: requests, responses, errors.
 
 A request is validated here, field by field: a malformed one becomes a 400 whose OpenAI-style
 error body names the field (`APIError.from_validation`). Fields that would change what an
-answer means but that we do not do (tools, n > 1, logprobs, penalties, stop strings, JSON
-mode) are refused with a 400 naming them, never ignored; fields we do not know are ignored,
+answer means but that we do not do (tools, n > 1, logprobs, penalties, echo, JSON mode) are
+refused with a 400 naming them, never ignored; fields we do not know are ignored,
 as OpenAI's own server does with ones newer clients add. What needs the loaded model (the
 model id, token limits) is checked by `serving_chat`.
 """
@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 MAX_TOP_K = 32
+MAX_STOP = 4  # stop sequences per request, as OpenAI allows
 ROLES = ("system", "developer", "user", "assistant")
 REFUSED_FIELDS = {
     "tools": "tool calls are not supported",
@@ -103,26 +104,91 @@ class ChatMessageParam(BaseModel):
         raise PydanticCustomError("invalid_content", "must be text (a string or text parts)")
 
 
-class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions: OpenAI's fields, plus `policy` and `top_k` of our own."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = False  # a last chunk with empty `choices` carries the usage
+
+
+class EpicRagOptions(BaseModel):
+    """The request's `epic_rag` object: our own switches."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    retrieval: bool = True  # False: plain chat with the model, no documents (titles, tags, small talk)
+
+
+class GenerationRequest(BaseModel):
+    """What chat completions and completions share: the model, sampling, stop strings, streaming,
+    and our own `policy`, `top_k` and `epic_rag` fields."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: str
-    messages: list[ChatMessageParam]
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: list[str] = Field(default_factory=list)  # up to 4; a single string is one
     policy: str | None = None  # a recompute policy spec for this request (default: the server's)
     top_k: int | None = Field(default=None, ge=1, le=MAX_TOP_K)  # chunks to retrieve (default: the server's)
+    epic_rag: EpicRagOptions = Field(default_factory=EpicRagOptions)
     # accepted only with the values that change nothing:
     n: int | None = None
-    stop: Any = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, stop: Any) -> list[str]:
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise PydanticCustomError("invalid_stop", "must be a non-empty string or a list of non-empty strings")
+        if len(stops) > MAX_STOP:
+            raise PydanticCustomError("invalid_stop", f"at most {MAX_STOP} stop sequences, got {len(stops)}")
+        return stops
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, policy: str | None) -> str | None:
+        from epic_rag import parse_policy
+
+        try:
+            return parse_policy(policy).spec if policy is not None else None
+        except ValueError as err:
+            raise PydanticCustomError(INVALID_POLICY, str(err)) from None
+
+    @field_validator("n")
+    @classmethod
+    def _one_answer(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise PydanticCustomError(UNSUPPORTED, "only n = 1 is supported: ask again for another answer")
+        return n
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value not in (None, 0.0):
+            raise PydanticCustomError(UNSUPPORTED, f"{info.field_name} is not supported: remove it or send 0")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def answer_tokens(self) -> tuple[str, int | None]:
+        """(the field that asks for the answer's length, its value)."""
+        return "max_tokens", self.max_tokens
+
+
+class ChatCompletionRequest(GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessageParam]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: Any = None
@@ -144,37 +210,6 @@ class ChatCompletionRequest(BaseModel):
         if not turns or turns[-1].role != "user" or not turns[-1].content.strip():
             raise PydanticCustomError("invalid_messages", "the last message must be the user's question, and not empty")
         return messages
-
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, policy: str | None) -> str | None:
-        from epic_rag import parse_policy
-
-        try:
-            return parse_policy(policy).spec if policy is not None else None
-        except ValueError as err:
-            raise PydanticCustomError(INVALID_POLICY, str(err)) from None
-
-    @field_validator("n")
-    @classmethod
-    def _one_answer(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise PydanticCustomError(UNSUPPORTED, "only n = 1 is supported: ask again for another answer")
-        return n
-
-    @field_validator("stop")
-    @classmethod
-    def _no_stop(cls, stop: Any) -> Any:
-        if stop:
-            raise PydanticCustomError(UNSUPPORTED, "stop sequences are not supported by this server: remove 'stop'")
-        return stop
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None, info: ValidationInfo) -> float | None:
-        if value not in (None, 0.0):
-            raise PydanticCustomError(UNSUPPORTED, f"{info.field_name} is not supported: remove it or send 0")
-        return value
 
     @field_validator("logprobs", "top_logprobs")
     @classmethod
@@ -205,6 +240,41 @@ class ChatCompletionRequest(BaseModel):
         return "max_tokens", self.max_tokens
 
 
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions: one prompt (with retrieval, the question; without, text to continue)."""
+
+    prompt: str
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> str:
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PydanticCustomError(
+                "invalid_prompt", "must be one non-empty string (token ids and batches are not supported)"
+            )
+        return prompt
+
+    @field_validator("echo", "suffix", "logprobs")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, False, ""):
+            raise PydanticCustomError(UNSUPPORTED, f"{info.field_name} is not supported by this server: remove it")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise PydanticCustomError(UNSUPPORTED, "only best_of = 1 is supported")
+        return best_of
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str
@@ -230,10 +300,15 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV came from the store instead of being computed
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(BaseModel):
@@ -278,24 +353,56 @@ class ChatCompletionStreamChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
-    """One server-sent event of a streamed answer; only the last carries `usage` and `epic_rag`."""
+class StreamChunk(BaseModel):
+    """What every streamed event shares: the finishing chunk carries `epic_rag`, and with
+    `stream_options.include_usage` a last chunk with empty `choices` carries `usage`."""
 
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
     epic_rag: dict[str, Any] | None = None
 
     @model_serializer(mode="wrap")
-    def _last_chunk_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _extras_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         fields = handler(self)
         for name in ("usage", "epic_rag"):
             if fields[name] is None:
                 del fields[name]
         return fields
+
+
+class ChatCompletionStreamResponse(StreamChunk):
+    """One server-sent event of a streamed chat answer."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatCompletionStreamChoice]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion (POST /v1/completions)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    epic_rag: dict[str, Any]
+
+
+class CompletionStreamResponse(StreamChunk):
+    """One server-sent event of a streamed completion (the same object as a whole one, as OpenAI sends)."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class HealthResponse(BaseModel):

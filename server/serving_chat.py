@@ -1,6 +1,11 @@
-"""POST /v1/chat/completions: a validated request checked against the model's limits, queued on
-the engine worker, and answered whole (one JSON object) or streamed (server-sent events ending
-with `data: [DONE]`, as the `openai` client reads them)."""
+"""POST /v1/chat/completions and /v1/completions: a validated request checked against the model's
+limits, queued on the engine worker, and answered whole (one JSON object) or streamed
+(server-sent events ending with `data: [DONE]`, as the `openai` client reads them).
+
+The index answers under two model ids: ``<id>`` retrieves and answers from the documents,
+``<id>:chat`` (or a request with ``epic_rag: {"retrieval": false}``) talks to the model
+alone, for what a chat client asks besides questions (titles, tags, follow-up ideas).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +34,22 @@ from .protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
     DeltaMessage,
+    GenerationRequest,
+    PromptTokensDetails,
+    StreamChunk,
     UsageInfo,
 )
 from .worker import EngineWorker, Job, QueueFull
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 256  # answer tokens when a request does not say
+CHAT_SUFFIX = ":chat"  # the model id without retrieval
+DISCONNECT_POLL_S = 0.25  # how often a whole (non-streamed) request checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -47,46 +61,59 @@ class Limits:
     window: int  # the model's context length
     max_tokens: int  # the most answer tokens one request may ask for
 
+    @property
+    def model_ids(self) -> list[str]:
+        """The ids this server answers under: with retrieval, then without."""
+        return [self.model_id, self.model_id + CHAT_SUFFIX]
 
-def to_chat_request(request: ChatCompletionRequest, limits: Limits, count_tokens: Callable[[str], int]) -> ChatRequest:
+
+def to_chat_request(request: GenerationRequest, limits: Limits, count_tokens: Callable[[str], int]) -> ChatRequest:
     """The engine's request from a validated one, or an APIError for what the model cannot take."""
-    if request.model != limits.model_id:
+    if request.model not in limits.model_ids:
         raise APIError(
             404,
-            f"the model {request.model!r} does not exist; this server has {limits.model_id!r}",
+            f"the model {request.model!r} does not exist; this server has {' and '.join(map(repr, limits.model_ids))}",
             "model",
             "model_not_found",
         )
-    system = "\n".join(m.content for m in request.messages if m.role in ("system", "developer") and m.content.strip())
-    turns = [
-        ChatMessage(role=MessageRole(m.role), content=m.content)
-        for m in request.messages
-        if m.role in ("user", "assistant")
-    ]
-    question = turns[-1].content or ""
+    retrieval = request.model == limits.model_id and request.epic_rag.retrieval
+    if isinstance(request, ChatCompletionRequest):
+        system = "\n".join(
+            m.content for m in request.messages if m.role in ("system", "developer") and m.content.strip()
+        )
+        turns = [
+            ChatMessage(role=MessageRole(m.role), content=m.content)
+            for m in request.messages
+            if m.role in ("user", "assistant")
+        ]
+        question, history, raw = turns[-1].content or "", turns[:-1], False
+    else:
+        assert isinstance(request, CompletionRequest)
+        system, question, history, raw = "", request.prompt, [], not retrieval
     field, max_tokens = request.answer_tokens
     max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_tokens)
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"{field} must be between 1 and {limits.max_tokens}, got {max_tokens}", field)
     n = count_tokens(question)
+    where = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
     if n + max_tokens > limits.window:
         raise APIError(
             400,
             f"the question is {n} tokens and {max_tokens} are asked for the answer; the model's context is "
             f"{limits.window} tokens: shorten the question or lower {field}",
-            "messages",
+            where,
             "context_length_exceeded",
         )
     if n > limits.max_question_tokens:
         raise APIError(
             400,
             f"the question is {n} tokens, over this server's limit of {limits.max_question_tokens}: shorten it",
-            "messages",
+            where,
             "context_length_exceeded",
         )
     return ChatRequest(
         question=question,
-        history=turns[:-1],
+        history=history,
         system=system or None,
         policy=request.policy,
         top_k=request.top_k,
@@ -94,51 +121,90 @@ def to_chat_request(request: ChatCompletionRequest, limits: Limits, count_tokens
         temperature=0.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
+        stop=tuple(request.stop),
+        retrieval=retrieval,
+        raw=raw,
     )
 
 
-class Completion:
-    """The response objects of one completion, streamed or whole (one id and creation time)."""
-
-    def __init__(self, model_id: str) -> None:
-        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model_id
-
-    def chunk(self, delta: DeltaMessage, report: AnswerReport | None = None) -> ChatCompletionStreamResponse:
-        """One streamed chunk; the last one (with `report`) says why the answer ended and what it cost."""
-        choice = ChatCompletionStreamChoice(delta=delta, finish_reason=report.finish_reason if report else None)
-        return ChatCompletionStreamResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[choice],
-            usage=usage(report) if report else None,
-            epic_rag=report.extension() if report else None,
-        )
-
-    def whole(self, report: AnswerReport) -> ChatCompletionResponse:
-        choice = ChatCompletionChoice(message=AssistantMessage(content=report.text), finish_reason=report.finish_reason)
-        return ChatCompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[choice],
-            usage=usage(report),
-            epic_rag=report.extension(),
-        )
-
-
 def usage(report: AnswerReport) -> UsageInfo:
-    """OpenAI's token counts of an answer: the whole prompt (reused or not) and the generated tokens."""
+    """OpenAI's token counts of an answer: the whole prompt (reused or not, the reused part as
+    `cached_tokens`) and the generated tokens."""
     return UsageInfo(
         prompt_tokens=report.tokens_prompt,
         completion_tokens=report.tokens_generated,
         total_tokens=report.tokens_prompt + report.tokens_generated,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=report.tokens_reused),
     )
 
 
-class OpenAIServingChat:
-    """The chat-completions handler over one index (reopened when it is updated): requests run one
-    at a time on `worker`, each on the index as it is when the request starts."""
+class ChatShape:
+    """The response objects of one chat completion, streamed or whole (one id and creation time)."""
+
+    def __init__(self, model: str) -> None:
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+
+    def _chunk(self, choices: list[ChatCompletionStreamChoice], **extra: Any) -> ChatCompletionStreamResponse:
+        return ChatCompletionStreamResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, **extra
+        )
+
+    def opening(self) -> StreamChunk | None:
+        return self._chunk([ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
+
+    def delta(self, text: str) -> StreamChunk:
+        return self._chunk([ChatCompletionStreamChoice(delta=DeltaMessage(content=text))])
+
+    def finish(self, report: AnswerReport) -> StreamChunk:
+        choice = ChatCompletionStreamChoice(delta=DeltaMessage(), finish_reason=report.finish_reason)
+        return self._chunk([choice], epic_rag=report.extension())
+
+    def usage_chunk(self, report: AnswerReport) -> StreamChunk:
+        return self._chunk([], usage=usage(report))
+
+    def whole(self, report: AnswerReport) -> BaseModel:
+        choice = ChatCompletionChoice(message=AssistantMessage(content=report.text), finish_reason=report.finish_reason)
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage(report),
+            epic_rag=report.extension(),
+        )  # fmt: skip
+
+
+class TextShape(ChatShape):
+    """The response objects of one completion (`text_completion`, streamed or whole)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+
+    def _text_chunk(self, choices: list[CompletionChoice], **extra: Any) -> CompletionStreamResponse:
+        return CompletionStreamResponse(id=self.id, created=self.created, model=self.model, choices=choices, **extra)
+
+    def opening(self) -> StreamChunk | None:
+        return None  # a completion stream starts with its first text
+
+    def delta(self, text: str) -> StreamChunk:
+        return self._text_chunk([CompletionChoice(text=text)])
+
+    def finish(self, report: AnswerReport) -> StreamChunk:
+        return self._text_chunk(
+            [CompletionChoice(text="", finish_reason=report.finish_reason)], epic_rag=report.extension()
+        )
+
+    def usage_chunk(self, report: AnswerReport) -> StreamChunk:
+        return self._text_chunk([], usage=usage(report))
+
+    def whole(self, report: AnswerReport) -> BaseModel:
+        choice = CompletionChoice(text=report.text, finish_reason=report.finish_reason)
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage(report),
+            epic_rag=report.extension(),
+        )  # fmt: skip
+
+
+class OpenAIServing:
+    """The completion handlers over one index (reopened when it is updated): requests run one at
+    a time on `worker`, each on the index as it is when the request starts."""
 
     def __init__(
         self, live: LiveIndex, limits: Limits, worker: EngineWorker, metrics: Metrics, history_tokens: int
@@ -148,21 +214,36 @@ class OpenAIServingChat:
         tokenizer = live.current().engine.tokenizer
         self.count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    async def create_chat_completion(self, body: bytes) -> Response:
+    async def create_chat_completion(self, body: bytes, disconnected: Callable[[], Awaitable[bool]]) -> Response:
+        return await self._create(body, ChatCompletionRequest, ChatShape, disconnected)
+
+    async def create_completion(self, body: bytes, disconnected: Callable[[], Awaitable[bool]]) -> Response:
+        return await self._create(body, CompletionRequest, TextShape, disconnected)
+
+    async def _create(
+        self,
+        body: bytes,
+        kind: type[GenerationRequest],
+        shape_of: Callable[[str], ChatShape],
+        disconnected: Callable[[], Awaitable[bool]],
+    ) -> Response:
         """Answer one request body: JSON when whole, an event stream when it asks to stream."""
         try:
-            request = ChatCompletionRequest.model_validate_json(body)
+            request = kind.model_validate_json(body)
         except ValidationError as err:
             raise APIError.from_validation(err) from None
         chat = to_chat_request(request, self.limits, self.count_tokens)
-        completion = Completion(self.limits.model_id)
+        shape = shape_of(request.model)
         if request.stream:
             events: asyncio.Queue = asyncio.Queue()
             job = self._submit(chat, *self._bridge(events))  # a full queue is a 503 before the stream starts
-            return StreamingResponse(self._stream(job, events, completion), media_type="text/event-stream")
-        report = await self._whole(chat)
-        self.metrics.outcome(200)
-        return JSONResponse(completion.whole(report).model_dump())
+            return StreamingResponse(
+                self._stream(job, events, shape, request.include_usage), media_type="text/event-stream"
+            )
+        report = await self._whole(chat, disconnected)
+        if report.finish_reason != "cancelled":  # a cancelled answer went to nobody
+            self.metrics.outcome(200)
+        return JSONResponse(shape.whole(report).model_dump())
 
     def _submit(
         self, chat: ChatRequest, on_delta: Callable[[str], None], finish: Callable[[Any, BaseException | None], None]
@@ -182,7 +263,8 @@ class OpenAIServingChat:
             raise APIError(503, f"the server is busy ({err}); retry in a few seconds", code="queue_full") from None
         return job
 
-    async def _whole(self, chat: ChatRequest) -> AnswerReport:
+    async def _whole(self, chat: ChatRequest, disconnected: Callable[[], Awaitable[bool]]) -> AnswerReport:
+        """The finished answer; a client that hangs up before it is ready cancels it."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
@@ -191,6 +273,10 @@ class OpenAIServingChat:
 
         job = self._submit(chat, lambda _delta: None, finish)
         try:
+            while not done.done():
+                await asyncio.wait([done], timeout=DISCONNECT_POLL_S)
+                if not done.done() and await disconnected():
+                    job.cancel.set()  # the engine stops within a layer or a token; `done` still settles
             return await done
         except ValueError as err:  # what the engine refuses (a prompt over the model's window, ...)
             raise APIError(400, str(err)) from None
@@ -211,13 +297,16 @@ class OpenAIServingChat:
 
         return (lambda delta: put(("delta", delta))), (lambda result, error: put(("end", result, error)))
 
-    async def _stream(self, job: Job, events: asyncio.Queue, completion: Completion) -> AsyncIterator[str]:
+    async def _stream(
+        self, job: Job, events: asyncio.Queue, shape: ChatShape, include_usage: bool
+    ) -> AsyncIterator[str]:
         try:
-            yield _sse(completion.chunk(DeltaMessage(role="assistant", content="")))
+            if (opening := shape.opening()) is not None:
+                yield _sse(opening)
             while True:
                 item = await events.get()
                 if item[0] == "delta":
-                    yield _sse(completion.chunk(DeltaMessage(content=item[1])))
+                    yield _sse(shape.delta(item[1]))
                     continue
                 _, report, error = item
                 if error is not None:
@@ -226,7 +315,9 @@ class OpenAIServingChat:
                     yield _sse(APIError(500, f"the answer failed: {error}", kind="server_error").body())
                 elif report is not None:
                     self.metrics.outcome(200)
-                    yield _sse(completion.chunk(DeltaMessage(), report))
+                    yield _sse(shape.finish(report))
+                    if include_usage:
+                        yield _sse(shape.usage_chunk(report))
                 yield "data: [DONE]\n\n"
                 return
         finally:

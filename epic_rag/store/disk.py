@@ -5,12 +5,18 @@ lowercase hex digits, so no caller text ever reaches a path. A file is written t
 temporary name in the same folder and renamed over the target, so a reader sees a
 whole entry or none. A file that fails `codec.decode` is deleted, counted and logged,
 and the lookup is a miss: the caller recomputes and rewrites it.
+
+With a byte `budget`, every read touches its file's modification time, and a write that
+takes the folder over the budget deletes the least recently used files first (never the
+one just written), each counted as an eviction.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -29,10 +35,14 @@ class DiskBackend(KVBackend):
     name = "disk"
     persistent = True
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, budget: int | None = None) -> None:
+        if budget is not None and budget <= 0:
+            raise ValueError(f"a disk budget must be a positive number of bytes, got {budget}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.budget = budget
         self._stats = BackendStats(self.name)
+        self._lock = threading.Lock()
 
     def path(self, key: str) -> Path:
         """The file of `key`; ValueError unless `key` looks like an `entry_key`."""
@@ -46,7 +56,11 @@ class DiskBackend(KVBackend):
             blob = path.read_bytes()
         except FileNotFoundError:
             blob = None
-        return decode_read(blob, key, self._stats, lambda: path.unlink(missing_ok=True), str(path))
+        found = decode_read(blob, key, self._stats, lambda: path.unlink(missing_ok=True), str(path))
+        if found is not None and self.budget is not None:
+            with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: the entry read is still whole
+                os.utime(path)  # the last access, for LRU eviction
+        return found
 
     def put(self, key: str, entry: ChunkKV, fingerprint: str) -> None:
         path = self.path(key)
@@ -60,6 +74,26 @@ class DiskBackend(KVBackend):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if self.budget is not None:
+            self._evict(keep=path)
+
+    def _evict(self, keep: Path) -> None:
+        """Delete the least recently used files until the folder fits the budget (`keep` stays)."""
+        with self._lock:
+            files = []
+            for path in self._files():
+                with contextlib.suppress(FileNotFoundError):  # another process evicted it first
+                    st = path.stat()
+                    files.append((st.st_mtime_ns, st.st_size, path))
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files, key=lambda f: f[0]):
+                if total <= self.budget:
+                    break
+                if path == keep:
+                    continue
+                path.unlink(missing_ok=True)
+                total -= size
+                self._stats.evictions += 1
 
     def contains(self, key: str) -> bool:
         return self.path(key).is_file()

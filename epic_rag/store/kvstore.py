@@ -13,8 +13,9 @@ from .tiered import TieredStore
 
 
 class KVStore(TieredStore):
-    """A `MemoryBackend` of `memory_budget` bytes, over a `DiskBackend` when `directory` is given,
-    over a shared `RedisBackend` when `kv_url` is given (entries expire `kv_ttl_s` after last use).
+    """A `MemoryBackend` of `memory_budget` bytes, over a `DiskBackend` when `directory` is given
+    (at most `disk_budget` bytes when given, least recently used entries deleted first), over a
+    shared `RedisBackend` when `kv_url` is given (entries expire `kv_ttl_s` after last use).
 
     With `require_kv_url` an unreachable Redis is an error (indexing); otherwise the store
     works without it until it answers (serving)."""
@@ -28,10 +29,11 @@ class KVStore(TieredStore):
         kv_url: str | None = None,
         kv_ttl_s: int | None = None,
         require_kv_url: bool = False,
+        disk_budget: int | None = None,
     ) -> None:
         backends: list[KVBackend] = [MemoryBackend(memory_budget)]
         if directory is not None:
-            backends.append(DiskBackend(directory))
+            backends.append(DiskBackend(directory, budget=disk_budget))
         if kv_url is not None:
             from .redis import RedisBackend
 

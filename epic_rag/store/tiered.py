@@ -103,13 +103,15 @@ class TieredStore:
             self._misses += 1
         return None
 
-    def put(self, entry: ChunkKV) -> str:
-        """Store `entry` (in the storage dtype) in every tier; returns its key."""
+    def put(self, entry: ChunkKV, persist: bool = True) -> str:
+        """Store `entry` (in the storage dtype) in every tier, or only in the memory ones unless
+        `persist` (what no disk or shared tier may keep: a client's own text); returns its key."""
         fingerprint = self._bound()
         entry = self.stored_form(entry)
         key = entry_key(fingerprint, entry.token_ids, entry.context_ids, entry.context_spans)
         for backend in reversed(self._backends):
-            backend.put(key, entry, fingerprint)
+            if persist or not backend.persistent:
+                backend.put(key, entry, fingerprint)
         return key
 
     def stored_form(self, entry: ChunkKV) -> ChunkKV:

@@ -29,6 +29,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from epic_rag import DEFAULT_POLICY, EpicEngine, Generation, KVStore, RecomputePolicy, parse_policy
+from epic_rag.forward import Cancelled
 
 from .handoff import CallReport, Handoff, current_handoff
 from .matching import plan_layout
@@ -50,6 +51,10 @@ class EpicLLM(CustomLLM):
     temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None)
+    stop: list[str] = Field(default_factory=list, description="stop strings: the answer ends before the first")
+    persist_prompt_head: bool = Field(
+        default=True, description="store a computed prompt head on disk and Redis too (False: memory only)"
+    )
     context_window: int | None = Field(default=None, description="defaults to the model's")
 
     _engine: EpicEngine = PrivateAttr()
@@ -130,19 +135,23 @@ class EpicLLM(CustomLLM):
             "temperature": kwargs.get("temperature", self.temperature),
             "top_p": kwargs.get("top_p", self.top_p),
             "seed": kwargs.get("seed", self.seed),
-            "stop": kwargs.get("stop") or (),
+            "stop": kwargs.get("stop") or tuple(self.stop),
         }
         chunks, keys, query = (handoff.chunks, handoff.keys, handoff.query) if handoff else ([], [], None)
         plan = plan_layout(engine, prompt, chunks, add_special_tokens, query, keys)
         policy = parse_policy(kwargs["policy"]) if "policy" in kwargs else self._policy
-        stream = engine.stream_layout(plan.layout, policy, **sampling)  # the engine locks each step, not the stream
+        persist = self.persist_prompt_head
+        stream = engine.stream_layout(plan.layout, policy, self._cancel, persist, **sampling)  # locks each step only
         cancelled = False
-        for delta in stream:
-            if self._cancel is not None and self._cancel.is_set():
-                cancelled = True
-                stream.close()
-                break
-            yield delta
+        try:
+            for delta in stream:
+                if self._cancel is not None and self._cancel.is_set():
+                    cancelled = True
+                    stream.close()
+                    break
+                yield delta
+        except Cancelled:  # the prefill stopped between layers: its client went away
+            cancelled = True
         result = stream.result if not cancelled else None
         if result is None:
             return  # stopped by its caller: the stream never finished, nothing to report
