@@ -145,3 +145,30 @@ def test_a_long_prefill_shows_progress_over_the_layers(capsys):
     engine.prefill(layout, "full")
     err = capsys.readouterr().err
     assert f"prefill of {layout.length} tokens" in err and f"{engine.n_layers}/{engine.n_layers}" in err
+
+
+def test_a_cancelled_prefill_stops_before_its_next_layer():
+    """What frees a server's slot within one layer: the event set while layer 0 runs, and layer 1
+    never starts; the stream raises `Cancelled` and nothing half-computed is stored."""
+    import threading
+
+    from epic_rag.forward import Cancelled
+
+    engine = tiny_engine()
+    cancel, ran = threading.Event(), []
+    layers = engine.model.model.layers
+    hooks = [
+        layer.register_forward_hook(lambda *_, i=i: (ran.append(i), cancel.set())) for i, layer in enumerate(layers)
+    ]
+    try:
+        stream = engine.stream_layout(
+            engine.layout("why?", ["a chunk of text"]), "full", cancel=cancel, max_new_tokens=4
+        )
+        with pytest.raises(Cancelled, match=f"cancelled before layer 1 of {len(layers)}"):
+            next(iter(stream))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ran == [0] and not list(engine.store.keys())
+    layout = engine.layout("why?", ["a chunk of text"])  # the engine answers on, exactly as a fresh one does
+    assert torch.equal(engine.prefill(layout, "full").logits, tiny_engine().prefill(layout, "full").logits)

@@ -152,13 +152,29 @@ def test_answers_equal_epic_rag_ask_streamed_or_not(client, index_dir, reference
     last = chunks[-1]
     finish = "length" if expected.tokens_generated == 32 else "stop"
     assert last.choices[0].finish_reason == whole.choices[0].finish_reason == finish
-    assert [c.usage for c in chunks[:-1]] == [None] * (len(chunks) - 1)  # usage rides on the last chunk only
-    for report, usage in ((last.model_extra["epic_rag"], last.usage), (whole.model_extra["epic_rag"], whole.usage)):
+    assert [c.usage for c in chunks] == [None] * len(chunks)  # without stream_options.include_usage: no usage
+    with_usage = list(
+        client.chat.completions.create(
+            model="docs-index",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=32,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"policy": "attnlink:16"},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in with_usage[:-1]) == expected.text
+    assert [c.usage for c in with_usage[:-1]] == [None] * (len(with_usage) - 1)
+    usage_chunk = with_usage[-1]  # the spec's last chunk: no choices, the usage of the whole request
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == expected.tokens_generated
+    stream_usage = usage_chunk.usage
+    for report, usage in ((last.model_extra["epic_rag"], stream_usage), (whole.model_extra["epic_rag"], whole.usage)):
         same_report(report, expected)
         assert report["policy"] == "attnlink:16" and report["chunks_linked"] == 3
         assert report["tokens_reused"] + report["tokens_recomputed"] == report["tokens_prompt"]
         assert (usage.prompt_tokens, usage.completion_tokens) == (expected.tokens_prompt, expected.tokens_generated)
         assert usage.total_tokens == expected.tokens_prompt + expected.tokens_generated
+        assert usage.prompt_tokens_details.cached_tokens == expected.tokens_reused > 0
         assert report["cache_hits"] + report["cache_misses"] == 4  # the prompt prefix and 3 chunks
         assert report["sources"][0]["file"] == "skylark_s3.md"
     assert 0 < whole.model_extra["epic_rag"]["ttft_s"] < waited
@@ -216,7 +232,9 @@ BAD_REQUESTS = [
     (hi(policy="magic"), 400, "unknown policy", "policy", "invalid_policy"),
     (hi(n=2), 400, "n = 1", "n", UNSUPPORTED),
     (hi(tools=[{}]), 400, "tool calls are not supported", "tools", UNSUPPORTED),
-    (hi(stop=["x"]), 400, "stop sequences", "stop", UNSUPPORTED),
+    (hi(stop=["a", "b", "c", "d", "e"]), 400, "at most 4 stop sequences, got 5", "stop", None),
+    (hi(stop=[""]), 400, "non-empty string", "stop", None),
+    (hi(epic_rag={"retrieval": "no"}), 400, "valid boolean", "epic_rag.retrieval", None),
     (hi(presence_penalty=0.5), 400, "presence_penalty is not supported", "presence_penalty", UNSUPPORTED),
     (hi(response_format={"type": "json_object"}), 400, "text response format", "response_format", UNSUPPORTED),
     (

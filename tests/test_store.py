@@ -314,3 +314,25 @@ def test_engine_links_half_precision_entries(tmp_path):
     assert len(keys) == 3  # prefix (bos) + 2 chunks
     assert all(half.store.get(key).keys.dtype == torch.bfloat16 for key in keys)
     assert 0 < (a - b).abs().max() < 0.05
+
+
+def test_a_disk_budget_evicts_the_least_recently_used_entries(tmp_path):
+    store = KVStore(tmp_path, memory_budget=0, fingerprint=FP)
+    first, second, third = (store.put(make_entry(seed=s)) for s in range(3))
+    size = (tmp_path / first[:2] / f"{first}.safetensors").stat().st_size
+    budgeted = KVStore(tmp_path, memory_budget=0, fingerprint=FP, disk_budget=3 * size)
+    for i, key in enumerate((first, second, third)):  # distinct, known access times, oldest first
+        os.utime(tmp_path / key[:2] / f"{key}.safetensors", ns=(10**18 + i, 10**18 + i))
+    assert budgeted.get(first) is not None  # read: now the most recently used
+    fourth = budgeted.put(make_entry(seed=3))
+    assert sorted(budgeted.keys()) == sorted([first, third, fourth])  # the least recently used went
+    assert budgeted.stats().evictions == 1 and budgeted.stats().disk_bytes <= 3 * size
+    with pytest.raises(ValueError, match="a disk budget must be a positive number of bytes, got 0"):
+        KVStore(tmp_path, disk_budget=0)
+
+
+def test_an_entry_stored_without_persist_stays_in_memory(tmp_path):
+    store = KVStore(tmp_path, fingerprint=FP)
+    key = store.put(make_entry(), persist=False)
+    assert store.get(key) is not None and not list(tmp_path.rglob("*.safetensors"))
+    assert KVStore(tmp_path, fingerprint=FP).get(key) is None  # another process never sees it
