@@ -112,10 +112,13 @@ def same_report(served: dict, expected: AnswerReport) -> None:
 
 
 def test_models_lists_the_index(client, server):
-    assert [m.id for m in client.models.list().data] == ["docs-index"]
+    assert [m.id for m in client.models.list().data] == ["docs-index", "docs-index:chat"]
     assert httpx.get(f"{server.url}/v1/models", timeout=30).json() == {
         "object": "list",
-        "data": [{"id": "docs-index", "object": "model", "created": 0, "owned_by": "epic-rag"}],
+        "data": [
+            {"id": "docs-index", "object": "model", "created": 0, "owned_by": "epic-rag"},
+            {"id": "docs-index:chat", "object": "model", "created": 0, "owned_by": "epic-rag"},
+        ],
     }
 
 
