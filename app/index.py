@@ -143,16 +143,15 @@ class RagApp:
         if not changes:
             return UpdateReport(0, 0, 0, len(changes.unchanged))
         mode = CompileMode.parse(manifest.compile)
+        transformations = index_transformations(self.engine, self.embed, manifest.chunking, mode, show_progress)
         if manifest.vector_store:
             table = ChromaTable(self.index)
         else:
             hashes = updated_hashes(manifest, changes)
-            table = FaissTable(self.index, self.index_dir / "storage", _faiss_store, hashes)
-        transformations = index_transformations(self.engine, self.embed, manifest.chunking, mode, show_progress)
+            table = FaissTable(self.index, self.index_dir / "storage", _faiss_store, hashes, transformations)
         self.index, report, nodes = apply_changes(
             self.engine, table, changes, transformations, self.embed, mode.kind == "similar", show_progress
         )
-        self.index._transformations = transformations  # so `app.index.insert` splits and compiles as we do
         updated_manifest(manifest, changes, nodes, digest).write(self.index_dir)
         return report
 

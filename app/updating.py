@@ -118,10 +118,13 @@ class FaissTable(NodeTable):
 
     rewrites_all = True
 
-    def __init__(self, index: VectorStoreIndex, storage_dir: Path, faiss_store: Any, hashes: dict[str, str]) -> None:
-        """`hashes`: every document's hash after the update (document id -> `Document.hash`)."""
+    def __init__(
+        self, index: VectorStoreIndex, storage_dir: Path, faiss_store: Any, hashes: dict[str, str], steps: list[Any]
+    ) -> None:
+        """`hashes`: every document's hash after the update (document id -> `Document.hash`); `steps`:
+        the transformations the new index's own `insert` runs (as `open_index` gives an index)."""
         super().__init__(index)
-        self.storage_dir, self.faiss_store, self.hashes = storage_dir, faiss_store, hashes
+        self.storage_dir, self.faiss_store, self.hashes, self.steps = storage_dir, faiss_store, hashes, steps
 
     def nodes(self, with_embeddings: bool = False) -> list[BaseNode]:
         position_of = {node_id: int(pos) for pos, node_id in self.index.index_struct.nodes_dict.items()}
@@ -137,7 +140,9 @@ class FaissTable(NodeTable):
         from .index import persist_atomically
 
         storage = StorageContext.from_defaults(vector_store=self.faiss_store(embed))
-        index = VectorStoreIndex(nodes=keep + add, storage_context=storage, embed_model=embed)
+        index = VectorStoreIndex(
+            nodes=keep + add, storage_context=storage, embed_model=embed, transformations=self.steps
+        )
         storage.docstore.set_document_hashes(self.hashes)  # as `from_documents` leaves them, for LlamaIndex's refresh
         persist_atomically(storage, self.storage_dir)
         return index

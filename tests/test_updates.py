@@ -19,6 +19,7 @@ from epic_rag.app.index import build_index, open_index
 from epic_rag.app.manifest import read_manifest
 from epic_rag.integrations.llama_index.handoff import CONTEXT_KEY, KV_KEY
 from epic_rag.server.process import ServeProcess
+from llama_index.core import Document
 
 from epic_rag import KVStore
 
@@ -89,11 +90,13 @@ def test_an_update_processes_only_what_changed_and_answers_follow(smollm2, tmp_p
     assert FIVE_YEARS[1] in warranty[0].node.get_content() and FIVE_YEARS[0] not in warranty[0].node.get_content()
     answer, sources = ask(reopened, CEO)
     assert "Tomas Eide" not in answer and "company.md" not in sources
+    for index in (app.index, reopened.index):  # LlamaIndex's own insert splits and compiles as `index` does
+        index.insert(Document(text=CRATE_DOC.replace("41", "43"), id_=f"note-{id(index)}.md"))
+        node = next(n for n in index.docstore.docs.values() if n.ref_doc_id == f"note-{id(index)}.md")
+        assert engine.store.contains(node.metadata[KV_KEY])
 
 
 def test_an_unchanged_folder_is_a_no_op_and_insert_and_delete_name_documents(smollm2, tmp_path):
-    from llama_index.core import Document
-
     folder = tmp_path / "idx"
     engine = smollm2_over(smollm2, KVStore(folder / "kv"))
     app = build_index(SAMPLE_DOCS, folder, model=SMOLLM2, engine=engine, show_progress=False)
