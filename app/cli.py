@@ -397,7 +397,14 @@ def _build_index(args: argparse.Namespace, old: IndexManifest | None, report, st
 
 def _update_index(args: argparse.Namespace, manifest: IndexManifest, report, start: float):
     from .index import open_index
+    from .updating import DocumentChanges, UpdateReport
 
+    changes = DocumentChanges.between(manifest.document_hashes, report.documents, complete=True)
+    if not changes and not args.calibrate:  # nothing to do: the model need not even load
+        print(report.summary())
+        print(UpdateReport(0, 0, 0, len(changes.unchanged)).summary())
+        print(f"{args.index} is up to date (generation {manifest.generation})")
+        return None
     app = open_index(
         args.index, manifest=manifest, kv_url=args.kv_url, kv_ttl_s=args.kv_ttl, device=args.device, dtype=args.dtype
     )

@@ -168,6 +168,9 @@ def test_the_cli_updates_in_place_and_rebuilds_when_asked_or_when_options_change
     assert done.returncode == 0, done.stderr
     assert "0 added, 1 changed, 0 removed, 3 unchanged; 1 chunks compiled, 0 reused" in done.stdout
     assert f"updated {index} in " in done.stdout and "(generation 2); 1 unused KV files deleted" in done.stdout
+    same = epic_rag("index", str(docs), "--index", str(index))
+    assert "0 added, 0 changed, 0 removed, 4 unchanged; 0 chunks compiled, 0 reused" in same.stdout
+    assert f"{index} is up to date (generation 2)" in same.stdout and "Loading weights" not in same.stderr
     rebuilt = epic_rag("index", str(docs), "--index", str(index), "--rebuild")
     assert f"rebuilding {index}: --rebuild" in rebuilt.stdout and f"indexed 4 chunks from {docs}" in rebuilt.stdout
     resized = epic_rag("index", str(docs), "--index", str(index), "--target-tokens", "128")
