@@ -74,7 +74,8 @@ def test_openai_chat_and_completions_give_the_ask_answer(server, expected):
     assert completion.object == "text_completion" and completion.choices[0].text == want
     assert completion.usage.prompt_tokens_details.cached_tokens == completion.model_extra["epic_rag"]["tokens_reused"]
     streamed = list(client.completions.create(model="docs", prompt=QUESTIONS[0], max_tokens=TOKENS, stream=True))
-    assert "".join(c.choices[0].text for c in streamed) == want and streamed[-1].choices[0].finish_reason
+    assert "".join(c.choices[0].text for c in streamed) == want
+    assert streamed[-1].choices[0].finish_reason == completion.choices[0].finish_reason
     assert {m.id for m in client.models.list()} == {"docs", "docs:chat"}
     assert client.models.retrieve("docs:chat").id == "docs:chat"
     with pytest.raises(openai.NotFoundError, match="does not exist"):

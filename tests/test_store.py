@@ -323,7 +323,7 @@ def test_a_disk_budget_evicts_the_least_recently_used_entries(tmp_path):
     budgeted = KVStore(tmp_path, memory_budget=0, fingerprint=FP, disk_budget=3 * size)
     for i, key in enumerate((first, second, third)):  # distinct, known access times, oldest first
         os.utime(tmp_path / key[:2] / f"{key}.safetensors", ns=(10**18 + i, 10**18 + i))
-    assert budgeted.get(first) is not None  # read: now the most recently used
+    assert_same(budgeted.get(first), make_entry(seed=0))  # read: now the most recently used
     fourth = budgeted.put(make_entry(seed=3))
     assert sorted(budgeted.keys()) == sorted([first, third, fourth])  # the least recently used went
     assert budgeted.stats().evictions == 1 and budgeted.stats().disk_bytes <= 3 * size
@@ -334,5 +334,6 @@ def test_a_disk_budget_evicts_the_least_recently_used_entries(tmp_path):
 def test_an_entry_stored_without_persist_stays_in_memory(tmp_path):
     store = KVStore(tmp_path, fingerprint=FP)
     key = store.put(make_entry(), persist=False)
-    assert store.get(key) is not None and not list(tmp_path.rglob("*.safetensors"))
+    assert_same(store.get(key), make_entry())
+    assert not list(tmp_path.rglob("*.safetensors"))
     assert KVStore(tmp_path, fingerprint=FP).get(key) is None  # another process never sees it
