@@ -19,7 +19,7 @@ from epic_rag.devices import device_name, dtype_name
 from epic_rag.offline import DEFAULT_MODEL, check_model_spec
 from epic_rag.policy_spec import CANDIDATES, parse_spec
 
-from .settings import CHAT_RETRIEVAL, HISTORY_TOKENS
+from .settings import CHAT_RETRIEVAL, DEFAULT_CHUNKING, HISTORY_TOKENS
 
 if TYPE_CHECKING:
     from .manifest import IndexManifest
@@ -66,11 +66,14 @@ def _index_args(index: argparse.ArgumentParser) -> None:
         default=None,
         help=f"model name, folder or .gguf (default: the existing index's, else {DEFAULT_MODEL})",
     )
-    index.add_argument("--target-tokens", type=int, default=None, help="chunk size KVSplit aims for (default 256)")
-    index.add_argument("--max-tokens", type=int, default=None, help="hard maximum chunk size (default 384)")
-    index.add_argument(
-        "--min-tokens", type=int, default=None, help="minimum chunk size unless a document is shorter (default 48)"
-    )
+    sizes = {
+        "target_tokens": "chunk size KVSplit aims for",
+        "max_tokens": "hard maximum chunk size",
+        "min_tokens": "minimum chunk size unless a document is shorter",
+    }
+    for field, what in sizes.items():
+        flag = "--" + field.replace("_", "-")
+        index.add_argument(flag, type=int, default=None, help=f"{what} (default {DEFAULT_CHUNKING[field]})")
     index.add_argument(
         "--compile",
         type=compile_arg,
@@ -362,8 +365,6 @@ def _given_chunking(args: argparse.Namespace) -> dict[str, int]:
 
 def _chunking(args: argparse.Namespace, manifest: IndexManifest | None) -> dict[str, int]:
     """KVSplit sizes: those given, else the existing index's, else the defaults."""
-    from .index import DEFAULT_CHUNKING
-
     return {**DEFAULT_CHUNKING, **(manifest.chunking if manifest is not None else {}), **_given_chunking(args)}
 
 

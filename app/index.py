@@ -35,7 +35,7 @@ from .documents import ReadReport, read_documents
 from .history import BoundedHistory
 from .manifest import MANIFEST, IndexManifest, read_manifest
 from .prompts import CHAT_CONTEXT_TEMPLATE, CHAT_REFINE_TEMPLATE, CHAT_SYSTEM_PROMPT, QA_PROMPT, REFINE_PROMPT
-from .settings import CHAT_RETRIEVAL, HISTORY_TOKENS
+from .settings import CHAT_RETRIEVAL, DEFAULT_CHUNKING, HISTORY_TOKENS
 from .updating import (
     ChromaTable,
     DocumentChanges,
@@ -65,7 +65,6 @@ __all__ = [  # what callers import from here, the modules it draws on included
 ]
 
 LONG_PREFILL_TOKENS = 4096  # a prefill computing this many tokens shows a progress bar
-DEFAULT_CHUNKING = {"target_tokens": 256, "max_tokens": 384, "min_tokens": 48}  # KVSplit sizes, LLM tokens
 
 
 def use_settings(llm: EpicLLM, embed: SentenceTransformerEmbedding) -> None:
@@ -102,16 +101,18 @@ class RagApp:
     def insert(self, documents: Sequence[Document], show_progress: bool = False) -> UpdateReport:
         """Add documents, or replace those whose id the index holds with other content, running the
         KVSplit parser and KV precompute as `epic-rag index` does; the index folder is updated."""
-        known = self._manifest().document_hashes
-        return self._update(DocumentChanges.between(known, list(documents), complete=False), None, show_progress)
+        manifest = self._manifest()
+        changes = DocumentChanges.between(manifest.document_hashes, list(documents), complete=False)
+        return self._update(manifest, changes, None, show_progress)
 
     def delete(self, document: str) -> UpdateReport:
         """Remove a document, named by its id (its path inside the documents folder, as `epic-rag index`
         records it) or by a path ending with that id; its nodes, vectors and KV files leave the index."""
-        known = self._manifest().document_hashes
+        manifest = self._manifest()
+        known = manifest.document_hashes
         doc_id = document if document in known else _id_of_path(document, known)
         changes = DocumentChanges(removed=[doc_id], unchanged=[k for k in known if k != doc_id])
-        return self._update(changes, None, False)
+        return self._update(manifest, changes, None, False)
 
     def refresh(
         self,
@@ -123,8 +124,9 @@ class RagApp:
         """Bring the index in line with `folder`: its added, changed and removed documents only
         (`documents`: the folder already read)."""
         report = documents or read_documents(folder, strict=strict, progress=show_progress)
-        changes = DocumentChanges.between(self._manifest().document_hashes, report.documents, complete=True)
-        return self._update(changes, report.digest, show_progress)
+        manifest = self._manifest()
+        changes = DocumentChanges.between(manifest.document_hashes, report.documents, complete=True)
+        return self._update(manifest, changes, report.digest, show_progress)
 
     def _manifest(self) -> IndexManifest:
         if self.index_dir is None:
@@ -137,9 +139,10 @@ class RagApp:
             )
         return manifest
 
-    def _update(self, changes: DocumentChanges, digest: str | None, show_progress: bool) -> UpdateReport:
-        """Apply `changes` to the index and its folder; the manifest's generation moves on."""
-        manifest = self._manifest()
+    def _update(
+        self, manifest: IndexManifest, changes: DocumentChanges, digest: str | None, show_progress: bool
+    ) -> UpdateReport:
+        """Apply `changes` to the index and its folder (`manifest`: its current one); the generation moves on."""
         if not changes:
             return UpdateReport(0, 0, 0, len(changes.unchanged))
         mode = CompileMode.parse(manifest.compile)

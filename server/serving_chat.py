@@ -141,8 +141,10 @@ def usage(report: AnswerReport) -> UsageInfo:
 class ChatShape:
     """The response objects of one chat completion, streamed or whole (one id and creation time)."""
 
+    id_prefix = "chatcmpl"
+
     def __init__(self, model: str) -> None:
-        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+        self.id, self.created, self.model = f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time()), model
 
     def _chunk(self, choices: list[ChatCompletionStreamChoice], **extra: Any) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(
@@ -173,9 +175,7 @@ class ChatShape:
 class TextShape(ChatShape):
     """The response objects of one completion (`text_completion`, streamed or whole)."""
 
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+    id_prefix = "cmpl"
 
     def _text_chunk(self, choices: list[CompletionChoice], **extra: Any) -> CompletionStreamResponse:
         return CompletionStreamResponse(id=self.id, created=self.created, model=self.model, choices=choices, **extra)

@@ -139,15 +139,19 @@ def test_answers_equal_epic_rag_ask_streamed_or_not(client, index_dir, reference
     assert whole.choices[0].message.content == expected.text
     assert expected.text.strip() == cli.stdout.split("\nsources:")[0].strip()
 
-    chunks = list(
-        client.chat.completions.create(
-            model="docs-index",
-            messages=[{"role": "user", "content": question}],
-            max_tokens=32,
-            stream=True,
-            extra_body={"policy": "attnlink:16"},
+    def streamed_chunks(**options) -> list:
+        return list(
+            client.chat.completions.create(
+                model="docs-index",
+                messages=[{"role": "user", "content": question}],
+                max_tokens=32,
+                stream=True,
+                extra_body={"policy": "attnlink:16"},
+                **options,
+            )
         )
-    )
+
+    chunks = streamed_chunks()
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1 and chunks[0].id != whole.id
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -156,16 +160,7 @@ def test_answers_equal_epic_rag_ask_streamed_or_not(client, index_dir, reference
     finish = "length" if expected.tokens_generated == 32 else "stop"
     assert last.choices[0].finish_reason == whole.choices[0].finish_reason == finish
     assert [c.usage for c in chunks] == [None] * len(chunks)  # without stream_options.include_usage: no usage
-    with_usage = list(
-        client.chat.completions.create(
-            model="docs-index",
-            messages=[{"role": "user", "content": question}],
-            max_tokens=32,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"policy": "attnlink:16"},
-        )
-    )
+    with_usage = streamed_chunks(stream_options={"include_usage": True})
     assert "".join(c.choices[0].delta.content or "" for c in with_usage[:-1]) == expected.text
     assert [c.usage for c in with_usage[:-1]] == [None] * (len(with_usage) - 1)
     usage_chunk = with_usage[-1]  # the spec's last chunk: no choices, the usage of the whole request
