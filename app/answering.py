@@ -98,7 +98,16 @@ def answer(
     )
     rag = RagApp(app.index, llm, app.embed, top_k=request.top_k or app.top_k)
     set_handoff(None)
-    tier_hits = app.engine.store.hits_by_tier()  # answers run one at a time: the difference is this one's
+    with app.engine.store.counting_reads() as reads:  # this answer's, whatever runs beside it
+        response, text = _generate(rag, llm, request, emit, history_tokens)
+    sources = response.source_nodes if response is not None else []
+    return _report(text, sources, cancel is not None and cancel.is_set(), llm.policy, reads)
+
+
+def _generate(
+    rag: RagApp, llm: EpicLLM, request: ChatRequest, emit: Callable[[str], None], history_tokens: int
+) -> tuple[Any, str]:
+    """(the LlamaIndex response, None without retrieval; the answer text), each delta emitted."""
     writer = None
     if not request.retrieval:
         set_handoff(Handoff(chunks=[]))  # no chunks: the call's report still lands here
@@ -122,9 +131,7 @@ def answer(
         emit(delta)
     if writer is not None:
         writer.join()
-    reads = {tier: n - tier_hits[tier] for tier, n in app.engine.store.hits_by_tier().items()}
-    sources = response.source_nodes if response is not None else []
-    return _report(text, sources, cancel is not None and cancel.is_set(), llm.policy, reads)
+    return response, text
 
 
 def _report(

@@ -1,8 +1,10 @@
 """Decoding from a prefilled prompt: one token loop for the engine and the benchmarks.
 
-`sample_tokens` chooses tokens one by one from next-token logits, asking `extend` for
-the logits after each; `Decoding` turns that into streamed text with stop tokens and
-stop strings, and keeps what the answer was and why it ended.
+`TokenSampler` chooses each next token from next-token logits (greedy, or seeded
+sampling); `sample_tokens` runs it one token at a time, asking `extend` for the logits
+after each; `Decoding` turns chosen tokens, from there or from the batching scheduler,
+into streamed text with stop tokens and stop strings, and keeps what the answer was and
+why it ended.
 """
 
 from __future__ import annotations
@@ -18,15 +20,28 @@ from .sampling import SamplingParams, TextAssembler, choose_token
 Extend = Callable[[int], torch.Tensor]  # token id -> [vocab] next-token logits after it
 
 
+class TokenSampler:
+    """Chooses one answer's tokens: argmax, or draws from its own generator (seeded by `seed`,
+    else at random), so an answer samples the same tokens whatever runs beside it."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else torch.seed()
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        return choose_token(logits, self.params, self.generator)
+
+
 def sample_tokens(logits: torch.Tensor, extend: Extend, params: SamplingParams) -> Iterator[tuple[int, torch.Tensor]]:
     """(token, the [vocab] logits it was chosen from) for up to `max_new_tokens` tokens.
 
     The caller stops early (at a stop token) by no longer iterating."""
-    generator = None
-    if params.temperature > 0:
-        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+    choose = TokenSampler(params)
     for step in range(params.max_new_tokens):
-        token = choose_token(logits, params, generator)
+        token = choose(logits)
         yield token, logits
         if step < params.max_new_tokens - 1:
             logits = extend(token)
@@ -36,10 +51,8 @@ class Decoding:
     """Iterate for text deltas; afterwards `text`, `ids`, `finish_reason` ("stop" for a stop
     string, "eos" or "length"), `first_token_s` and `decode_s` say what happened."""
 
-    def __init__(
-        self, logits: torch.Tensor, extend: Extend, tokenizer, stop_token_ids: set[int], params: SamplingParams
-    ) -> None:
-        self._tokens = sample_tokens(logits, extend, params)
+    def __init__(self, tokens: Iterator[int], tokenizer, stop_token_ids: set[int], params: SamplingParams) -> None:
+        self._tokens = tokens
         self._text = TextAssembler(tokenizer, params.stop)
         self._stop_ids = stop_token_ids
         self.finish_reason = "length"
@@ -56,19 +69,24 @@ class Decoding:
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
-        for step, (token, _) in enumerate(self._tokens):
-            if step == 0:
-                self.first_token_s = time.perf_counter() - start
-                start = time.perf_counter()
-            if token in self._stop_ids:
-                self.finish_reason = "eos"
-                break
-            delta = self._text.add(token)
-            if delta:
-                yield delta
-            if self._text.stopped:
-                self.finish_reason = "stop"
-                break
+        try:
+            for step, token in enumerate(self._tokens):
+                if step == 0:
+                    self.first_token_s = time.perf_counter() - start
+                    start = time.perf_counter()
+                if token in self._stop_ids:
+                    self.finish_reason = "eos"
+                    break
+                delta = self._text.add(token)
+                if delta:
+                    yield delta
+                if self._text.stopped:
+                    self.finish_reason = "stop"
+                    break
+        finally:
+            close = getattr(self._tokens, "close", None)
+            if close is not None:  # whoever produces the tokens learns at once that no more are wanted
+                close()
         tail = self._text.flush()
         if tail:
             yield tail
@@ -77,21 +95,33 @@ class Decoding:
 
 def stream_answer(
     prefill: Callable[[], PrefillResult],
-    extend: Callable[[PrefillResult, list[int]], torch.Tensor],
+    tokens: Callable[[PrefillResult], Iterator[int]],
     tokenizer,
     stop_token_ids: set[int],
     params: SamplingParams,
 ) -> TokenStream:
-    """A TokenStream of one answer: `prefill()` runs on the first `next`, then one `extend` per
-    token ([n, vocab] logits after the given ids); `.result` is the Generation at the end."""
+    """A TokenStream of one answer: `prefill()` runs on the first `next`, then `tokens(prefilled)`
+    gives the answer's tokens as they are chosen; `.result` is the Generation at the end."""
     box: list[Generation] = []
 
     def deltas() -> Iterator[str]:
         pre = prefill()
-        decoding = Decoding(pre.logits, lambda token: extend(pre, [token])[-1], tokenizer, stop_token_ids, params)
+        decoding = Decoding(tokens(pre), tokenizer, stop_token_ids, params)
         yield from decoding
         pre.stats.first_decode_s = decoding.first_token_s
         pre.stats.ttft_s += decoding.first_token_s
         box.append(Generation(decoding.text, decoding.ids, decoding.finish_reason, pre.stats, decoding.decode_s))
 
     return TokenStream(deltas(), box)
+
+
+def lone_tokens(
+    extend: Callable[[PrefillResult, list[int]], torch.Tensor], params: SamplingParams
+) -> Callable[[PrefillResult], Iterator[int]]:
+    """`stream_answer`'s tokens for an answer decoded on its own: one `extend` ([n, vocab] logits
+    after the given ids) per token."""
+
+    def tokens(pre: PrefillResult) -> Iterator[int]:
+        return (token for token, _ in sample_tokens(pre.logits, lambda t: extend(pre, [t])[-1], params))
+
+    return tokens

@@ -12,6 +12,8 @@ through the layers (`forward`), their fresh K/V overwriting the linked ones.
 
 The engine owns one lock: compiling, prefilling and each decoded token hold it, and no
 generator ever yields while holding it, so an abandoned stream never blocks the engine.
+`start_batching` hands answering to a scheduler that decodes the answers of many threads
+together (continuous batching, for a server); answers stay what they are alone.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .batch_limits import DEFAULT_MAX_BATCH, DEFAULT_PIECE_S
 from .cache import PositionalKVCache
 from .compile import chunk_contexts, encode_chunk
-from .decode import stream_answer
+from .decode import lone_tokens, stream_answer
 from .forward import cancellable, run_layers
 from .kv import ChunkKV, CompileContext
 from .layout import Kind, PromptLayout, Segment
@@ -39,6 +42,7 @@ from .prompt import PromptBuilder
 from .rescale import install_rescaled_attention
 from .results import Generation, PrefillResult, TokenStream
 from .sampling import SamplingParams
+from .scheduler import Scheduler
 from .store import KVStore, TieredStore
 from .store.registry import ChunkRegistry
 from .timing import TimeModel
@@ -82,6 +86,7 @@ class EpicEngine:
         self.n_layers, self.kv_heads, self.head_dim = kv_geometry(model.config)
         self.max_context = int(model.config.max_position_embeddings)
         self.stop_token_ids = self.prompt.stop_token_ids(getattr(model, "generation_config", None))
+        self.scheduler: Scheduler | None = None  # set while batching
 
     @classmethod
     def from_pretrained(
@@ -244,12 +249,34 @@ class EpicEngine:
         and each decoded token, never while the caller holds a delta. Setting `cancel` stops the
         prefill before its next layer (`Cancelled` from the first delta); see `prefill` for `persist_head`."""
         params = SamplingParams.from_kwargs(**sampling)
+        prefill = partial(self.prefill, layout, policy, params.max_new_tokens, persist_head)
+        if (scheduler := self.scheduler) is not None:
+            kv_bytes = (layout.length + params.max_new_tokens) * self.kv_bytes_per_token
+            answer = scheduler.answer(prefill, params, cancel, kv_bytes)
+            return stream_answer(answer.prefilled, answer.tokens, self.tokenizer, self.stop_token_ids, params)
 
-        def prefill() -> PrefillResult:
+        def lone_prefill() -> PrefillResult:
             with cancellable(cancel):
-                return self.prefill(layout, policy, params.max_new_tokens, persist_head)
+                return prefill()
 
-        return stream_answer(prefill, self.extend, self.tokenizer, self.stop_token_ids, params)
+        return stream_answer(
+            lone_prefill, lone_tokens(self.extend, params), self.tokenizer, self.stop_token_ids, params
+        )
+
+    def start_batching(self, max_batch: int = DEFAULT_MAX_BATCH, piece_s: float = DEFAULT_PIECE_S) -> Scheduler:
+        """Decode the answers streamed from several threads together, up to `max_batch` per forward,
+        a new prompt's prefill cut in pieces of about `piece_s` seconds between their steps (see
+        `scheduler`). Each answer is the one it would be alone; `stop_batching` ends it."""
+        if self.scheduler is not None:
+            raise RuntimeError("this engine is already batching; stop_batching() first")
+        self.scheduler = Scheduler(self.model, self.lock, self.stop_token_ids, max_batch, piece_s)
+        return self.scheduler
+
+    def stop_batching(self) -> None:
+        """Answer alone again, once the scheduler's current step is done (its answers get an error)."""
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is not None:
+            scheduler.close()
 
     def generate_layout(self, layout: PromptLayout, policy: Policy | None = None, **sampling) -> Generation:
         return self.stream_layout(layout, policy, **sampling).finish()

@@ -6,15 +6,17 @@ layer. A `LayerHook` sees the state around one layer and may narrow the position
 being computed (CacheBlend) or stop the pass (a scoring probe); this is the one place
 where a policy looks inside the model.
 
-A pass can be cancelled between layers: inside `cancellable(event)`, a set event stops
-the next layer from starting (`Cancelled`), so a caller that went away costs at most one
-layer of a long prefill.
+Between layers a pass reaches a `checkpoint`: inside `cancellable(event)`, a set event
+stops the next layer from starting (`Cancelled`), so a caller that went away costs at most
+one layer of a long prefill; inside `interleaved(run)`, other work runs there (the
+batching scheduler steps the answers already streaming), so a long prefill is cut in pieces.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -42,6 +44,54 @@ def cancellable(event: threading.Event | None) -> Iterator[None]:
         yield
     finally:
         _cancel.reset(token)
+
+
+@dataclass
+class Interleave:
+    """Work run at every checkpoint of the passes inside `interleaved`; `paused_s` sums its time."""
+
+    run: Callable[[], None]
+    paused_s: float = 0.0
+
+
+_interleave: ContextVar[Interleave | None] = ContextVar("epic_rag_interleave", default=None)
+
+
+@contextmanager
+def interleaved(run: Callable[[], None]) -> Iterator[Interleave]:
+    """Forward passes inside this block call `run()` between their layers (it decides whether
+    anything is due); it runs outside the block's cancellation and interleaving."""
+    state = Interleave(run)
+    token = _interleave.set(state)
+    try:
+        yield state
+    finally:
+        _interleave.reset(token)
+
+
+def paused_seconds() -> float:
+    """Seconds the current `interleaved` block has spent in its work so far (0 outside one)."""
+    state = _interleave.get()
+    return 0.0 if state is None else state.paused_s
+
+
+def checkpoint() -> None:
+    """A point between two steps of a pass: raise `Cancelled` if its caller asked, else run the
+    interleaved work, if any."""
+    cancel = _cancel.get()
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled by its caller")
+    state = _interleave.get()
+    if state is None:
+        return
+    start = time.perf_counter()
+    no_interleave, no_cancel = _interleave.set(None), _cancel.set(None)
+    try:
+        state.run()
+    finally:
+        _cancel.reset(no_cancel)
+        _interleave.reset(no_interleave)
+        state.paused_s += time.perf_counter() - start
 
 
 @dataclass
@@ -122,10 +172,11 @@ def run_layers(
             f"{model.config._attn_implementation!r}; pick a policy without +ape"
         )
     layers = tqdm(inner.layers, desc=f"prefill of {positions.numel()} tokens", unit="layer", disable=not progress)
-    cancel = _cancel.get()
     for i, layer in enumerate(layers):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(f"cancelled before layer {i} of {len(inner.layers)}")
+        try:
+            checkpoint()
+        except Cancelled:
+            raise Cancelled(f"cancelled before layer {i} of {len(inner.layers)}") from None
         hooked = hook is not None and i in hook.layers
         if hooked:
             hook.before(LayerState(i, layer, hidden, positions, cos, sin, cache, length))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .cache import PositionalKVCache
-from .forward import LayerHook, run_layers
+from .forward import LayerHook, checkpoint, paused_seconds, run_layers
 from .kv import ChunkKV
 from .layout import COMPUTED, Kind, PromptLayout, Segment
 from .policies import Probe, RecomputePolicy
@@ -31,12 +31,14 @@ FetchSegment = Callable[[Segment], tuple[ChunkKV, bool]]  # segment -> (its stor
 def load_segments(
     layout: PromptLayout, skip: torch.Tensor, fetch: FetchSegment, stats: PrefillStats
 ) -> list[tuple[Segment, ChunkKV]]:
-    """The stored KV of every cached segment not wholly in `skip` ([N] bool), counted and timed."""
-    start, linked = time.perf_counter(), []
+    """The stored KV of every cached segment not wholly in `skip` ([N] bool), counted and timed
+    (the time it paused for interleaved work is in neither `compile_s` nor `kv_load_s`)."""
+    start, paused, linked = time.perf_counter(), paused_seconds(), []
     for seg in layout.segments:
         if seg.kind in COMPUTED or skip[seg.start : seg.end].all():
             continue
-        t0 = time.perf_counter()
+        checkpoint()
+        t0, paused_before = time.perf_counter(), paused_seconds()
         entry, hit = fetch(seg)
         linked.append((seg, entry))
         stats.store_hits += hit
@@ -46,8 +48,8 @@ def load_segments(
         else:
             stats.chunk_hits += hit
             stats.chunk_misses += not hit
-        stats.compile_s += 0.0 if hit else time.perf_counter() - t0
-    stats.kv_load_s = time.perf_counter() - start - stats.compile_s
+        stats.compile_s += 0.0 if hit else time.perf_counter() - t0 - (paused_seconds() - paused_before)
+    stats.kv_load_s = time.perf_counter() - start - stats.compile_s - (paused_seconds() - paused)
     if stats.prefix == "none" and layout.prefix is not None and layout.prefix.key is not None:
         stats.prefix = "recomputed"
     return linked
@@ -69,7 +71,7 @@ def selective_prefill(
     A prefill computing `progress_tokens` tokens or more shows a bar over the layers; `timing`
     is handed to the policy and learns this prefill's cost."""
     stats = PrefillStats(policy=policy.spec, tokens_total=layout.length, chunks=len(layout.chunks))
-    start = time.perf_counter()
+    start, paused = time.perf_counter(), paused_seconds()
     if timing is not None:
         policy = policy.with_timing(timing)
     positions = policy.select(layout)
@@ -103,10 +105,10 @@ def selective_prefill(
     stats.tokens_recomputed = out.positions.numel()
     stats.tokens_reused = layout.length - positions.numel()
     stats.ttft_s = time.perf_counter() - start
-    if timing is not None and hook is None:  # compiling missing entries is not the selection's cost
-        timing.observe(
-            stats.tokens_recomputed + stats.tokens_probed, layout.length, len(linked), stats.ttft_s - stats.compile_s
-        )
+    stats.paused_s = paused_seconds() - paused
+    if timing is not None and hook is None:  # compiling missing entries and others' decoding are not its cost
+        own_s = stats.ttft_s - stats.compile_s - stats.paused_s
+        timing.observe(stats.tokens_recomputed + stats.tokens_probed, layout.length, len(linked), own_s)
     return PrefillResult(cache, out.logits, stats, out.positions)
 
 

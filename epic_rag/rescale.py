@@ -93,7 +93,30 @@ def rescaled_attention(
     return out.transpose(1, 2).contiguous().to(value.dtype), None  # [1, S, heads, d]
 
 
-AttentionInterface.register(ATTENTION_NAME, rescaled_attention)
+def epic_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    epic_batch=None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention the engine installs: `rescaled_attention`, or for a batched decode step
+    (`epic_batch`, a `DecodeBatch`: query [B, heads, 1, d]) each row over its own cache's view,
+    as that row's lone step would attend; [B, 1, heads, d]."""
+    if epic_batch is None:
+        return rescaled_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    rows = [
+        rescaled_attention(module, query[b : b + 1], keys, values, None, dropout, scaling, rescale, **kwargs)[0]
+        for b, (keys, values, rescale) in enumerate(epic_batch.visible(module.layer_idx))
+    ]
+    return torch.cat(rows), None
+
+
+AttentionInterface.register(ATTENTION_NAME, epic_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # plain calls are SDPA: so are their masks
 
 

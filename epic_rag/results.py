@@ -33,6 +33,7 @@ class PrefillStats:
     link_s: float = 0.0
     recompute_s: float = 0.0
     first_decode_s: float = 0.0  # choosing the first token from the logits
+    paused_s: float = 0.0  # within ttft_s: other answers' decode steps run between this prefill's pieces
     ttft_s: float = 0.0
 
     @property

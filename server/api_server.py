@@ -4,8 +4,8 @@
 `/v1/chat/completions` and `/v1/completions` answer with retrieval, KV linking and the policy
 done here (`serving_chat`), `/health` and `/metrics` (Prometheus, `metrics`) are for
 operators, and `/` is the web chat (`web/`). One model in memory; requests wait in a bounded
-queue and run one at a time (`worker`). Browsers on `cors_origins` may call it; any other
-path is an OpenAI-style 404.
+queue (`worker`) and up to `max_batch` answers decode together (the engine's batching
+scheduler). Browsers on `cors_origins` may call it; any other path is an OpenAI-style 404.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from epic_rag.batch_limits import DEFAULT_MAX_BATCH, DEFAULT_PIECE_S
 
 from .metrics import Metrics
 from .protocol import APIError, HealthResponse, ModelCard, ModelList
@@ -52,20 +54,25 @@ def create_app(
     max_tokens: int = 1024,
     history_tokens: int = HISTORY_TOKENS,
     cors_origins: list[str] | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    prefill_piece_s: float = DEFAULT_PIECE_S,
 ) -> FastAPI:
     """The FastAPI app serving the index `live` follows under the model id `model_id` (an update of
-    the index is picked up between requests, over the same engine)."""
+    the index is picked up between requests, over the same engine, which batches while it runs)."""
     rag = live.current()
-    worker = EngineWorker(max_waiting)
+    scheduler = rag.engine.start_batching(max_batch, prefill_piece_s)
+    worker = EngineWorker(max_waiting, runners=max_batch)
     metrics = Metrics(worker)
     metrics.watch_store(rag.engine.store)
+    metrics.watch_scheduler(scheduler)
     limits = Limits(model_id, max_question_tokens, rag.engine.max_context, max_tokens)
     serving = OpenAIServing(live, limits, worker, metrics, history_tokens)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        await asyncio.to_thread(worker.close)  # the running answer ends, waiting ones are refused
+        await asyncio.to_thread(worker.close)  # running answers end, waiting ones are refused
+        rag.engine.stop_batching()
 
     app = FastAPI(title="epic-rag", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.worker, app.state.metrics = worker, metrics

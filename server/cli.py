@@ -19,6 +19,7 @@ from epic_rag.app.cli import (
     policy_arg,
 )
 
+from epic_rag.batch_limits import DEFAULT_MAX_BATCH, DEFAULT_PIECE_S
 from epic_rag.cli import require_extra
 
 API_KEY_ENV = "EPIC_RAG_API_KEY"
@@ -52,7 +53,20 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=1024, help="the most answer tokens a request may ask for")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch threads for the one running request (default: the CPU count)"
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help=f"answers decoded together, one token each per forward (default {DEFAULT_MAX_BATCH}, measured on 2 cores)",
+    )
+    p.add_argument(
+        "--prefill-piece-ms",
+        type=float,
+        default=DEFAULT_PIECE_S * 1000,
+        help="a new prompt's prefill runs this long between two steps of the answers streaming "
+        f"(default {DEFAULT_PIECE_S * 1000:.0f})",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads of the engine's compute (default: the CPU count)"
     )
     p.add_argument(
         "--cors-origin",
@@ -93,6 +107,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_question_tokens=args.max_question_tokens,
         max_tokens=args.max_tokens,
         cors_origins=args.cors_origin,
+        max_batch=args.max_batch,
+        prefill_piece_s=args.prefill_piece_ms / 1000,
     )
     print(
         f"epic-rag serve: model id {model_id!r}, policy {rag.llm.policy}, on http://{args.host}:{args.port}/",

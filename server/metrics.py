@@ -1,5 +1,6 @@
 """The server's Prometheus metrics (GET /metrics): requests by outcome, TTFT and decode time,
-tokens reused and recomputed, store hits and misses, the queue, and each KV tier's health."""
+tokens reused and recomputed, store hits and misses, the queue, the decoding batch and the KV
+bytes its answers hold, and each KV tier's health."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from epic_rag.scheduler import Scheduler
 from epic_rag.store import TieredStore
 
 from .worker import EngineWorker
@@ -51,6 +53,19 @@ class Metrics:
     def watch_store(self, store: TieredStore) -> None:
         """Export the KV store's tiers (hits served, failures, damaged entries, availability)."""
         self.registry.register(_TierCollector(store))
+
+    def watch_scheduler(self, scheduler: Scheduler) -> None:
+        """Export the batching scheduler's state: answers decoding together, the KV they hold."""
+        r = self.registry
+        batch = Gauge("epic_rag_batch_size", "Answers decoding together now", registry=r)
+        batch.set_function(lambda: scheduler.batch_size)
+        kv = Gauge(
+            "epic_rag_kv_bytes_in_flight",
+            "Bytes of KV cache held by the answers decoding and the prompt prefilling",
+            registry=r,
+        )
+        kv.set_function(lambda: scheduler.kv_bytes_in_flight)
+        r.register(_SchedulerCollector(scheduler))
 
     def record(self, report: AnswerReport) -> None:
         """Count what one answer cost, cancelled answers too (what they computed was spent)."""
@@ -99,3 +114,16 @@ class _TierCollector(Collector):
             damaged.add_metric([backend.name], counters.corrupted)
             up.add_metric([backend.name], float(getattr(backend, "available", True)))
         yield from (hits, errors, damaged, up)
+
+
+class _SchedulerCollector(Collector):
+    """Batched decode steps and the tokens they produced (their ratio is the mean batch)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("epic_rag_decode_steps", "Batched decode steps run", value=self.scheduler.steps)
+        yield CounterMetricFamily(
+            "epic_rag_decode_step_tokens", "Tokens made by batched decode steps", value=self.scheduler.tokens_stepped
+        )

@@ -203,8 +203,8 @@ class TextShape(ChatShape):
 
 
 class OpenAIServing:
-    """The completion handlers over one index (reopened when it is updated): requests run one at
-    a time on `worker`, each on the index as it is when the request starts."""
+    """The completion handlers over one index (reopened when it is updated): requests run on
+    `worker`'s runners, each on the index as it is when the request starts."""
 
     def __init__(
         self, live: LiveIndex, limits: Limits, worker: EngineWorker, metrics: Metrics, history_tokens: int

@@ -1,9 +1,10 @@
-"""Requests run one at a time on one thread, from a bounded queue.
+"""Requests run on a fixed set of runner threads, from a bounded queue.
 
-On a small CPU two prompts computed at once slow each other far more than they gain
-(measured on 2 cores: AttnLink(16) 0.94 s alone, 7.9 s beside other busy processes), so
-the server never runs them on top of each other: the engine's own torch threads use the
-cores and requests wait their turn. A full queue is refused at once, never buffered.
+Each runner takes one request at a time: retrieval, then the answer, whose compute the
+engine's batching scheduler does on its own single thread, decoding the runners' answers
+together (`epic_rag.scheduler`). So there are as many runners as answers may decode at
+once (`--max-batch`); one runner serves requests strictly one after another. A full queue
+is refused at once, never buffered.
 """
 
 from __future__ import annotations
@@ -31,20 +32,24 @@ class Job:
 
 
 class EngineWorker:
-    """One thread running submitted jobs in order; at most `max_waiting` wait behind the running one."""
+    """`runners` threads running submitted jobs in order of arrival; at most `max_waiting` wait
+    behind the running ones."""
 
-    def __init__(self, max_waiting: int = 16, name: str = "epic-rag-engine") -> None:
+    def __init__(self, max_waiting: int = 16, runners: int = 1, name: str = "epic-rag-runner") -> None:
         if max_waiting < 1:
             raise ValueError(f"max_waiting must be at least 1, got {max_waiting}")
+        if runners < 1:
+            raise ValueError(f"runners must be at least 1, got {runners}")
         self._jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_waiting)
         self._running = 0
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(runners)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def depth(self) -> int:
-        """Jobs waiting plus the one running."""
+        """Jobs waiting plus the ones running."""
         with self._lock:
             return self._jobs.qsize() + self._running
 
@@ -55,7 +60,7 @@ class EngineWorker:
             raise QueueFull(f"{self._jobs.maxsize} requests are already waiting") from None
 
     def close(self) -> None:
-        """Finish the running job, then stop (jobs still waiting are cancelled)."""
+        """Finish the running jobs, then stop (jobs still waiting are cancelled)."""
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -64,8 +69,10 @@ class EngineWorker:
             if job is not None:
                 job.cancel.set()
                 job.finish(None, RuntimeError("the server is shutting down"))
-        self._jobs.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join()
 
     def _loop(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -73,12 +80,12 @@ class EngineWorker:
                 job.finish(None, None)
                 continue
             with self._lock:
-                self._running = 1
+                self._running += 1
             try:
                 result, error = job.run(job.cancel), None
-            except Exception as err:  # handed to the request that caused it; the worker goes on
+            except Exception as err:  # handed to the request that caused it; the runner goes on
                 result, error = None, err
             finally:
                 with self._lock:
-                    self._running = 0
+                    self._running -= 1
             job.finish(result, error)

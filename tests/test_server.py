@@ -80,7 +80,7 @@ def reference(index_dir, smollm2) -> Reference:
 
 @pytest.fixture(scope="module")
 def server(index_dir) -> Iterator[ServeProcess]:
-    with epic_server(index_dir, "--queue-size", "16", "--threads", "2") as live:
+    with epic_server(index_dir, "--queue-size", "16", "--threads", "2", "--max-batch", "8") as live:
         yield live
 
 
@@ -277,19 +277,47 @@ def test_malformed_json_is_a_400(server):
     assert response.status_code == 400 and response.json()["error"]["message"] == "the body is not valid JSON"
 
 
+MIXED = [  # (question, policy, max_tokens, streamed): eight requests decoded together in one batch
+    (q, ["attnlink:16", "full", "attnlink:4+ape:0.8:1", None][i % 4], 6 + 5 * i, i % 2 == 1)
+    for i, q in enumerate(QUESTIONS)
+]
+
+
 def test_eight_clients_at_once_each_get_their_own_answer(client, server, reference):
-    alone = {q: reference(q, max_tokens=12) for q in QUESTIONS}
+    """Eight requests at once, of mixed policies, lengths, streamed or whole: the server decodes them
+    together (its --max-batch is 8) and each gets exactly the answer it gets alone."""
+    alone = [reference(q, policy=policy, max_tokens=n) for q, policy, n, _ in MIXED]
     before = metrics(server.url)
-    with ThreadPoolExecutor(len(QUESTIONS)) as pool:
-        replies = list(pool.map(lambda q: ask(client, q, max_tokens=12), QUESTIONS))
-    together = {q: r.choices[0].message.content for q, r in zip(QUESTIONS, replies, strict=True)}
-    assert together == {q: report.text for q, report in alone.items()}
+
+    def send(request: tuple) -> tuple[str, str, dict]:
+        question, policy, n, streamed = request
+        extra = {"policy": policy} if policy else None
+        body = dict(model="docs-index", messages=[{"role": "user", "content": question}], max_tokens=n)
+        if not streamed:
+            reply = client.chat.completions.create(**body, extra_body=extra)
+            return reply.choices[0].message.content, reply.choices[0].finish_reason, reply.model_extra["epic_rag"]
+        chunks = list(client.chat.completions.create(**body, extra_body=extra, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        return text, chunks[-1].choices[0].finish_reason, chunks[-1].model_extra["epic_rag"]
+
+    with ThreadPoolExecutor(len(MIXED)) as pool:
+        replies = list(pool.map(send, MIXED))
+    assert [text for text, _, _ in replies] == [report.text for report in alone]
+    assert [finish for _, finish, _ in replies] == [report.finish_reason for report in alone]
+    reports = [report for _, _, report in replies]
+    assert [r["tokens_generated"] for r in reports] == [a.tokens_generated for a in alone]
+    assert [r["policy"] for r in reports] == [a.policy for a in alone]
     after = metrics(server.url)
-    reports = [r.model_extra["epic_rag"] for r in replies]
     assert after["epic_rag_queue_depth"] == 0
+    assert after["epic_rag_batch_size"] == 0 and after["epic_rag_kv_bytes_in_flight"] == 0
+    steps = after["epic_rag_decode_steps_total"] - before["epic_rag_decode_steps_total"]
+    stepped = after["epic_rag_decode_step_tokens_total"] - before["epic_rag_decode_step_tokens_total"]
+    chosen = sum(r["tokens_generated"] + (finish == "stop") for _, finish, r in replies)  # an end token is chosen too
+    assert stepped == chosen - len(replies)  # every token after each answer's first, which its prefill gives
+    assert stepped > 2 * steps  # answers really decoded together: more than two tokens per step on average
     for name, added in (
-        ('epic_rag_requests_total{status="200"}', len(QUESTIONS)),
-        ("epic_rag_ttft_seconds_count", len(QUESTIONS)),
+        ('epic_rag_requests_total{status="200"}', len(MIXED)),
+        ("epic_rag_ttft_seconds_count", len(MIXED)),
         ("epic_rag_store_hits_total", sum(r["cache_hits"] for r in reports)),
         ("epic_rag_store_misses_total", sum(r["cache_misses"] for r in reports)),
         ("epic_rag_tokens_reused_total", sum(r["tokens_reused"] for r in reports)),
@@ -302,21 +330,31 @@ def test_eight_clients_at_once_each_get_their_own_answer(client, server, referen
 
 
 def test_a_client_that_walks_away_frees_the_engine(client, server, reference):
+    """A client hangs up mid-answer while another answer decodes beside it in the batch: the
+    story stops, and the other answer is exactly what it is alone."""
     before = metrics(server.url)
-    with httpx.stream(
-        "POST",
-        f"{server.url}/v1/chat/completions",
-        json={
-            "model": "docs-index",
-            "messages": [{"role": "user", "content": "Write a long story about buoys."}],
-            "max_tokens": 1000,
-            "stream": True,
-        },
-        timeout=60,
-    ) as response:
+    with (
+        ThreadPoolExecutor(1) as pool,
+        httpx.stream(
+            "POST",
+            f"{server.url}/v1/chat/completions",
+            json={
+                "model": "docs-index",
+                "messages": [{"role": "user", "content": "Write a long story about buoys."}],
+                "max_tokens": 1000,
+                "stream": True,
+            },
+            timeout=60,
+        ) as response,
+    ):
+        tokens, beside = 0, None
         for line in response.iter_lines():
             if '"content"' in line and '"content": ""' not in line:
-                break  # the first generated token arrived: hang up
+                tokens += 1
+                beside = beside or pool.submit(ask, client, QUESTIONS[5], 40)  # joins the batch
+            if tokens == 40:
+                break  # the story is well under way, the other answer decoding beside it: hang up
+    assert beside.result().choices[0].message.content == reference(QUESTIONS[5], max_tokens=40).text
     answered = ask(client, QUESTIONS[2], max_tokens=8)
     assert answered.choices[0].message.content == reference(QUESTIONS[2], max_tokens=8).text
     health = httpx.get(f"{server.url}/health", timeout=30).json()
@@ -330,7 +368,7 @@ def test_a_client_that_walks_away_frees_the_engine(client, server, reference):
     after = metrics(server.url)
     assert after["epic_rag_cancelled_total"] - before.get("epic_rag_cancelled_total", 0) == 1  # the story stopped
     ok = 'epic_rag_requests_total{status="200"}'
-    assert after[ok] - before.get(ok, 0) == 1  # the story never finished: only the second request counts as answered
+    assert after[ok] - before.get(ok, 0) == 2  # the story never finished: only the other two count as answered
 
 
 def test_binding_beyond_loopback_needs_a_key(index_dir):
@@ -339,7 +377,7 @@ def test_binding_beyond_loopback_needs_a_key(index_dir):
 
 
 def test_api_key_and_queue_limit(index_dir, reference):
-    with epic_server(index_dir, "--api-key", KEY, "--queue-size", "1", "--threads", "2") as server:
+    with epic_server(index_dir, "--api-key", KEY, "--queue-size", "1", "--max-batch", "2", "--threads", "2") as server:
         body = {"model": "docs-index", "messages": [{"role": "user", "content": QUESTIONS[0]}], "max_tokens": 48}
         url = f"{server.url}/v1/chat/completions"
         missing = httpx.post(url, json=body, timeout=60)

@@ -21,6 +21,8 @@ import httpx
 from epic_rag.server.process import ServeProcess
 from tqdm.auto import tqdm
 
+from epic_rag.batch_limits import DEFAULT_MAX_BATCH
+
 from .devices import add_device_arguments
 
 DEFAULT_QUESTIONS = [
@@ -69,8 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", help="a question file (JSON lines with 'question'); default: 8 built in")
     parser.add_argument("--requests", type=int, default=16, help="requests per run, spread over the clients")
     parser.add_argument("--top-k", type=int, default=8, help="chunks retrieved per question (default 8)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="answer tokens per request (default 16)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="answer tokens per request (default 64)")
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: CPU count)")
+    parser.add_argument(
+        "--max-batch", type=int, default=None, help="the server's --max-batch (default: the server's default)"
+    )
     add_device_arguments(parser)
     parser.add_argument("--out", help="folder for results.md, results.json and serve.png")
     parser.set_defaults(func=main)
@@ -83,9 +88,9 @@ def register(kinds: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     questions = _questions(args.questions)[: args.requests]  # each run sends these, so each has a reference
     clients = [int(c) for c in args.clients.split(",")]
-    threads = ["--threads", str(args.threads)] if args.threads else []
-    placed = [f"--{k}={v}" for k, v in (("device", args.device), ("dtype", args.dtype)) if v]
-    with ServeProcess(args.index, "--queue-size", "64", *threads, *placed) as server:
+    options = (("threads", args.threads), ("max-batch", args.max_batch), ("device", args.device), ("dtype", args.dtype))
+    placed = [f"--{k}={v}" for k, v in options if v]
+    with ServeProcess(args.index, "--queue-size", "64", *placed) as server:
         url = server.url
         model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
         rows, server_policy = [], None
@@ -173,7 +178,8 @@ def _p95(values: list[float]) -> float:
 
 def format_table(rows: list[Row], args: argparse.Namespace, server_policy: str | None) -> str:
     head = (
-        f"index {args.index}, top-k {args.top_k}, {args.max_tokens} answer tokens, {args.requests} requests per run; "
+        f"index {args.index}, top-k {args.top_k}, {args.max_tokens} answer tokens, {args.requests} requests per run, "
+        f"max batch {args.max_batch or DEFAULT_MAX_BATCH}; "
         f"'default' = {server_policy}; TTFT and latency at the client (queueing included)\n\n"
         "| policy | clients | ok | mixed up | answers/min | TTFT p50 s | TTFT p95 s | latency p50 s | latency p95 s "
         "| engine TTFT p50 s | prompt tokens |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -20,6 +22,8 @@ import torch
 from ..kv import ChunkKV
 from .backend import BackendStats, KVBackend
 from .keys import entry_key, resolve_dtype
+
+_reads_here: ContextVar[dict[str, int] | None] = ContextVar("epic_rag_tier_reads", default=None)
 
 
 @dataclass
@@ -98,6 +102,8 @@ class TieredStore:
             with self._counters:
                 self._hits += 1
                 self._hits_by_tier[backend.name] += 1
+            if (here := _reads_here.get()) is not None:
+                here[backend.name] = here.get(backend.name, 0) + 1
             return entry
         with self._counters:
             self._misses += 1
@@ -177,6 +183,18 @@ class TieredStore:
             tiers=tiers,
             hits_by_tier=self.hits_by_tier(),
         )
+
+    @contextmanager
+    def counting_reads(self) -> Iterator[dict[str, int]]:
+        """Tier name -> store hits served inside this block, and in work run in a copy of its
+        context (the batching scheduler prefills a request so): one request's reads while others'
+        run beside it."""
+        reads = dict.fromkeys((b.name for b in self._backends), 0)
+        token = _reads_here.set(reads)
+        try:
+            yield reads
+        finally:
+            _reads_here.reset(token)
 
     def hits_by_tier(self) -> dict[str, int]:
         """Tier name -> store hits that tier served (cheap: no tier is asked for its usage)."""
