@@ -31,6 +31,7 @@ class ChatRequest:
     policy: str | None = None  # None: the app's policy
     top_k: int | None = None  # None: the app's
     max_tokens: int = 256
+    min_tokens: int = 0  # no end token before this many answer tokens
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -90,6 +91,7 @@ def answer(
         model_name=app.llm.model_name,
         policy=request.policy or app.llm.policy,
         max_new_tokens=request.max_tokens,
+        min_new_tokens=request.min_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
         seed=request.seed,

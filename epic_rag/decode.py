@@ -22,24 +22,32 @@ Extend = Callable[[int], torch.Tensor]  # token id -> [vocab] next-token logits 
 
 class TokenSampler:
     """Chooses one answer's tokens: argmax, or draws from its own generator (seeded by `seed`,
-    else at random), so an answer samples the same tokens whatever runs beside it."""
+    else at random), so an answer samples the same tokens whatever runs beside it; none of
+    `stop_token_ids` before `min_new_tokens`."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, stop_token_ids: set[int] = frozenset()) -> None:
         self.params = params
+        self.banned = torch.tensor(sorted(stop_token_ids), dtype=torch.int64)
+        self.chosen = 0
         self.generator = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else torch.seed()
             self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor) -> int:
+        if self.chosen < self.params.min_new_tokens and self.banned.numel():
+            logits = logits.index_fill(0, self.banned, float("-inf"))
+        self.chosen += 1
         return choose_token(logits, self.params, self.generator)
 
 
-def sample_tokens(logits: torch.Tensor, extend: Extend, params: SamplingParams) -> Iterator[tuple[int, torch.Tensor]]:
+def sample_tokens(
+    logits: torch.Tensor, extend: Extend, params: SamplingParams, stop_token_ids: set[int] = frozenset()
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(token, the [vocab] logits it was chosen from) for up to `max_new_tokens` tokens.
 
     The caller stops early (at a stop token) by no longer iterating."""
-    choose = TokenSampler(params)
+    choose = TokenSampler(params, stop_token_ids)
     for step in range(params.max_new_tokens):
         token = choose(logits)
         yield token, logits
@@ -116,12 +124,13 @@ def stream_answer(
 
 
 def lone_tokens(
-    extend: Callable[[PrefillResult, list[int]], torch.Tensor], params: SamplingParams
+    extend: Callable[[PrefillResult, list[int]], torch.Tensor], params: SamplingParams, stop_token_ids: set[int]
 ) -> Callable[[PrefillResult], Iterator[int]]:
     """`stream_answer`'s tokens for an answer decoded on its own: one `extend` ([n, vocab] logits
     after the given ids) per token."""
 
     def tokens(pre: PrefillResult) -> Iterator[int]:
-        return (token for token, _ in sample_tokens(pre.logits, lambda t: extend(pre, [t])[-1], params))
+        chosen = sample_tokens(pre.logits, lambda t: extend(pre, [t])[-1], params, stop_token_ids)
+        return (token for token, _ in chosen)
 
     return tokens

@@ -259,9 +259,8 @@ class EpicEngine:
             with cancellable(cancel):
                 return prefill()
 
-        return stream_answer(
-            lone_prefill, lone_tokens(self.extend, params), self.tokenizer, self.stop_token_ids, params
-        )
+        tokens = lone_tokens(self.extend, params, self.stop_token_ids)
+        return stream_answer(lone_prefill, tokens, self.tokenizer, self.stop_token_ids, params)
 
     def start_batching(self, max_batch: int = DEFAULT_MAX_BATCH, piece_s: float = DEFAULT_PIECE_S) -> Scheduler:
         """Decode the answers streamed from several threads together, up to `max_batch` per forward,
@@ -291,5 +290,6 @@ class EpicEngine:
         self, question: str, chunks: Sequence[str], system: str | None = None, policy: Policy | None = None, **sampling
     ) -> Generation:
         """Answer `question` from `chunks` (texts or chunk ids, in this order). Sampling keywords:
-        max_new_tokens=256, temperature=0.0 (greedy), top_p=1.0, seed=None, stop=() (not in the answer)."""
+        max_new_tokens=256, min_new_tokens=0 (no stop token before), temperature=0.0 (greedy), top_p=1.0,
+        seed=None, stop=() (not in the answer)."""
         return self.generate_layout(self.layout(question, chunks, system), policy, **sampling)

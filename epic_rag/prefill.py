@@ -122,8 +122,8 @@ def forward_timer(model: nn.Module, new_cache: Callable[[int], PositionalKVCache
         cache.keys.zero_()
         cache.values.zero_()
         ids = torch.zeros(n, dtype=torch.int64)
-        start = time.perf_counter()
+        start, paused = time.perf_counter(), paused_seconds()
         run_layers(model, cache, ids, torch.arange(length - n, length), length)
-        return time.perf_counter() - start
+        return time.perf_counter() - start - (paused_seconds() - paused)
 
     return measure

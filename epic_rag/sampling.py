@@ -10,9 +10,11 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Greedy when temperature is 0; otherwise temperature + nucleus (top-p) sampling."""
+    """Greedy when temperature is 0; otherwise temperature + nucleus (top-p) sampling. The first
+    `min_new_tokens` tokens are never a stop token (stop strings still end the answer)."""
 
     max_new_tokens: int = 256
+    min_new_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -21,6 +23,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens must be from 0 to max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"
+            )
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -51,7 +51,7 @@ class ScheduledAnswer:
         self.params = params
         self.cancel = cancel if cancel is not None else threading.Event()
         self.kv_bytes = kv_bytes  # its cache: prompt plus answer tokens, all layers
-        self.choose = TokenSampler(params)
+        self.choose = TokenSampler(params, scheduler.stop_token_ids)
         self.left = threading.Event()  # its reader wants no more tokens
         self.context: contextvars.Context | None = None
         self.result: PrefillResult | None = None
@@ -169,19 +169,23 @@ class Scheduler:
 
     # ---- the compute thread ----------------------------------------------------------------
     def _loop(self) -> None:
-        while (answer := self._next()) is not False:
-            with self.lock:
-                if answer is not None:
-                    self._prefilling = answer
-                    try:
-                        self._prefill(answer)
-                    finally:
-                        self._prefilling = None
-                if self._active and (answer is None or self._due()):
-                    self._step()
-        closed = RuntimeError("the batching scheduler was closed before this answer finished")
-        for left in [*self._pending, *self._active]:
-            left.send("error", closed)
+        try:
+            while (answer := self._next()) is not False:
+                with self.lock:
+                    if answer is not None:
+                        self._prefilling = answer
+                        try:
+                            self._prefill(answer)
+                        finally:
+                            self._prefilling = None
+                    if self._active and (answer is None or self._due()):
+                        self._step()
+        finally:  # closed, or a fault of its own: no reader is left waiting, no answer is taken any more
+            with self._wake:
+                self._closed = True
+                unfinished, self._pending, self._active = [*self._pending, *self._active], deque(), []
+            for answer in unfinished:
+                answer.send("error", RuntimeError("the batching scheduler stopped before this answer finished"))
 
     def _next(self) -> ScheduledAnswer | None | bool:
         """The answer to prefill now (None: only step), or False once closed; waits for work."""

@@ -94,6 +94,8 @@ def to_chat_request(request: GenerationRequest, limits: Limits, count_tokens: Ca
     max_tokens = max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_tokens)
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"{field} must be between 1 and {limits.max_tokens}, got {max_tokens}", field)
+    if request.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({request.min_tokens}) must not exceed {field} ({max_tokens})", "min_tokens")
     n = count_tokens(question)
     where = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
     if n + max_tokens > limits.window:
@@ -118,6 +120,7 @@ def to_chat_request(request: GenerationRequest, limits: Limits, count_tokens: Ca
         policy=request.policy,
         top_k=request.top_k,
         max_tokens=max_tokens,
+        min_tokens=request.min_tokens,
         temperature=0.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,

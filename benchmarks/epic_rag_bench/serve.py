@@ -46,6 +46,13 @@ class Reply:
     latency_s: float  # request sent -> [DONE]
     server_ttft_s: float  # the engine's own TTFT, from the final chunk
     tokens_prompt: int
+    tokens_generated: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Answer tokens after the first, per second after the first (the client's streaming rate)."""
+        streaming = self.latency_s - self.ttft_s
+        return (self.tokens_generated - 1) / streaming if self.tokens_generated > 1 and streaming > 0 else 0.0
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Row:
     latency_p95: float
     server_ttft_p50: float
     prompt_tokens_mean: float
+    tokens_per_s_p50: float  # each client's streaming rate after its first token
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per run, spread over the clients")
     parser.add_argument("--top-k", type=int, default=8, help="chunks retrieved per question (default 8)")
     parser.add_argument("--max-tokens", type=int, default=64, help="answer tokens per request (default 64)")
+    parser.add_argument(
+        "--natural-length",
+        action="store_true",
+        help="let answers end at their end token (default: every answer is --max-tokens long, as serving "
+        "benchmarks measure decoding; `min_tokens` in each request)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="the server's torch threads (default: CPU count)")
     parser.add_argument(
         "--max-batch", type=int, default=None, help="the server's --max-batch (default: the server's default)"
@@ -96,6 +110,8 @@ def main(args: argparse.Namespace) -> int:
         rows, server_policy = [], None
         for policy in [p.strip() for p in args.policies.split(",") if p.strip()]:
             extra = {} if policy == "default" else {"policy": policy}
+            if not args.natural_length:
+                extra["min_tokens"] = args.max_tokens
             ask = _Asker(url, model, extra, args.top_k, args.max_tokens)
             alone = {q: ask(q) for q in tqdm(questions, desc=f"{policy}: reference answers", unit="question")}
             server_policy = server_policy or _policy_of(url, model, args)
@@ -148,7 +164,14 @@ class _Asker:
                 report = chunk.get("epic_rag", report)
         latency = time.perf_counter() - start
         return Reply(
-            question, text, 200, first or latency, latency, report.get("ttft_s", 0.0), report.get("tokens_prompt", 0)
+            question,
+            text,
+            200,
+            first or latency,
+            latency,
+            report.get("ttft_s", 0.0),
+            report.get("tokens_prompt", 0),
+            report.get("tokens_generated", 0),
         )
 
 
@@ -169,6 +192,7 @@ def _row(policy: str, clients: int, replies: list[Reply], alone: dict[str, Reply
         latency_p95=_p95(latency),
         server_ttft_p50=statistics.median(r.server_ttft_s for r in ok) if ok else 0.0,
         prompt_tokens_mean=statistics.fmean(r.tokens_prompt for r in ok) if ok else 0.0,
+        tokens_per_s_p50=statistics.median(r.tokens_per_s for r in ok) if ok else 0.0,
     )
 
 
@@ -178,16 +202,18 @@ def _p95(values: list[float]) -> float:
 
 def format_table(rows: list[Row], args: argparse.Namespace, server_policy: str | None) -> str:
     head = (
-        f"index {args.index}, top-k {args.top_k}, {args.max_tokens} answer tokens, {args.requests} requests per run, "
+        f"index {args.index}, top-k {args.top_k}, {'up to ' if args.natural_length else ''}{args.max_tokens} answer "
+        f"tokens, {args.requests} requests per run, "
         f"max batch {args.max_batch or DEFAULT_MAX_BATCH}; "
         f"'default' = {server_policy}; TTFT and latency at the client (queueing included)\n\n"
         "| policy | clients | ok | mixed up | answers/min | TTFT p50 s | TTFT p95 s | latency p50 s | latency p95 s "
-        "| engine TTFT p50 s | prompt tokens |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| engine TTFT p50 s | prompt tokens | tokens/s p50 |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     body = [
         f"| {r.policy} | {r.clients} | {r.ok}/{r.requests} | {r.mismatched} | {r.answers_per_min:.1f} | "
         f"{r.ttft_p50:.2f} | {r.ttft_p95:.2f} | {r.latency_p50:.2f} | {r.latency_p95:.2f} | "
-        f"{r.server_ttft_p50:.2f} | {r.prompt_tokens_mean:.0f} |"
+        f"{r.server_ttft_p50:.2f} | {r.prompt_tokens_mean:.0f} | {r.tokens_per_s_p50:.1f} |"
         for r in rows
     ]
     return "\n".join([head, *body])

@@ -48,6 +48,7 @@ class EpicLLM(CustomLLM):
     model_name: str = Field(default="epic-rag", description="the engine's model")
     policy: str = Field(default=DEFAULT_POLICY, description="recompute policy, e.g. attnlink:16, guided:16, full")
     max_new_tokens: int = Field(default=256, gt=0)
+    min_new_tokens: int = Field(default=0, ge=0, description="no end token before this many (stop strings still end)")
     temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None)
@@ -132,6 +133,7 @@ class EpicLLM(CustomLLM):
         engine = self._engine
         sampling = {
             "max_new_tokens": kwargs.get("max_new_tokens", self.max_new_tokens),
+            "min_new_tokens": kwargs.get("min_new_tokens", self.min_new_tokens),
             "temperature": kwargs.get("temperature", self.temperature),
             "top_p": kwargs.get("top_p", self.top_p),
             "seed": kwargs.get("seed", self.seed),
