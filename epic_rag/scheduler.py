@@ -150,11 +150,6 @@ class Scheduler:
         return len(self._active)
 
     @property
-    def waiting(self) -> int:
-        """Answers submitted whose prefill has not started."""
-        return len(self._pending)
-
-    @property
     def kv_bytes_in_flight(self) -> int:
         """Bytes of the caches of the answers decoding and the one prefilling."""
         prefilling = self._prefilling

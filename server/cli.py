@@ -20,7 +20,7 @@ from epic_rag.app.cli import (
 )
 
 from epic_rag.batch_limits import DEFAULT_MAX_BATCH, DEFAULT_PIECE_S
-from epic_rag.cli import require_extra
+from epic_rag.cli import argparse_type, require_extra
 
 API_KEY_ENV = "EPIC_RAG_API_KEY"
 
@@ -54,13 +54,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
     p.add_argument(
         "--max-batch",
-        type=int,
+        type=argparse_type(_at_least_one),
         default=DEFAULT_MAX_BATCH,
         help=f"answers decoded together, one token each per forward (default {DEFAULT_MAX_BATCH}, measured on 2 cores)",
     )
     p.add_argument(
         "--prefill-piece-ms",
-        type=float,
+        type=argparse_type(_positive_ms),
         default=DEFAULT_PIECE_S * 1000,
         help="a new prompt's prefill runs this long between two steps of the answers streaming "
         f"(default {DEFAULT_PIECE_S * 1000:.0f})",
@@ -79,6 +79,22 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     add_kv_args(p)
     add_device_args(p)
     p.set_defaults(func=_serve)
+
+
+def _at_least_one(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = float("nan")
+    if not ms > 0:
+        raise ValueError(f"must be a positive number of milliseconds, got {text!r}")
+    return ms
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -111,7 +127,8 @@ def _serve(args: argparse.Namespace) -> int:
         prefill_piece_s=args.prefill_piece_ms / 1000,
     )
     print(
-        f"epic-rag serve: model id {model_id!r}, policy {rag.llm.policy}, on http://{args.host}:{args.port}/",
+        f"epic-rag serve: model id {model_id!r}, policy {rag.llm.policy}, up to {args.max_batch} answers decoded "
+        f"together, on http://{args.host}:{args.port}/",
         flush=True,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

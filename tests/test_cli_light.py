@@ -52,6 +52,20 @@ def test_a_bad_compile_mode_is_refused_before_anything_heavy_loads():
     assert "compile mode 'similar:0': N must be at least 1" in stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--max-batch", "0", "--max-batch: must be a whole number of at least 1, got '0'"),
+        ("--max-batch", "two", "--max-batch: must be a whole number of at least 1, got 'two'"),
+        ("--prefill-piece-ms", "-5", "--prefill-piece-ms: must be a positive number of milliseconds, got '-5'"),
+    ],
+)
+def test_bad_batching_limits_are_refused_before_anything_heavy_loads(option, value, words):
+    result, stderr = run_cli(["serve", "--index", "nowhere", option, value])
+    assert result == {"code": 2, "heavy": []}
+    assert words in stderr
+
+
 def test_a_missing_extra_names_the_pip_command():
     with pytest.raises(cli.MissingExtraError, match=r"pip install 'epic-rag\[serve\]'") as err:
         cli.require_extra("serve", "serve", "json", "a_module_that_is_not_installed")

@@ -46,6 +46,18 @@ def test_sampling_is_seeded():
     assert len(others | {tuple(a)}) > 1
 
 
+def test_min_new_tokens_holds_back_the_end_tokens():
+    from epic_rag.decode import TokenSampler
+    from epic_rag.sampling import SamplingParams
+
+    logits = torch.tensor([0.0, 5.0, 1.0, 4.0])  # the end tokens 1 and 3 are the likeliest
+    choose = TokenSampler(SamplingParams(max_new_tokens=4, min_new_tokens=2), {1, 3})
+    assert [choose(logits) for _ in range(3)] == [2, 2, 1]
+    assert logits.tolist() == [0.0, 5.0, 1.0, 4.0]  # the caller's logits are left as they were
+    with pytest.raises(ValueError, match="min_new_tokens must be from 0 to max_new_tokens \\(2\\), got 3"):
+        SamplingParams(max_new_tokens=2, min_new_tokens=3)
+
+
 def test_stream_deltas_join_to_text_and_stop_strings_cut():
     engine = tiny_engine()
     full = engine.generate("q", CHUNKS, max_new_tokens=12)

@@ -1,4 +1,4 @@
-"""The server's request queue: one job at a time, in order, a bounded wait, cancellation."""
+"""The server's request queue: jobs in order on a fixed set of runners, a bounded wait, cancellation."""
 
 from __future__ import annotations
 
@@ -89,3 +89,35 @@ def test_close_finishes_the_running_job_and_refuses_the_waiting_ones():
     assert results["running"] == ("finished", None)
     result, error = results["waiting"]
     assert result is None and str(error) == "the server is shutting down" and waiting.cancel.is_set()
+
+
+def test_runners_take_jobs_side_by_side_and_the_queue_still_bounds_the_rest():
+    """With 2 runners, two jobs run at once (the batching scheduler decodes them together); two more
+    wait, a fifth beyond the queue is refused, and depth counts the running ones."""
+    worker = EngineWorker(max_waiting=2, runners=2)
+    both_running, release = threading.Barrier(3), threading.Event()
+    finished = threading.Semaphore(0)
+
+    def run(cancel: threading.Event) -> str:
+        both_running.wait(10)
+        release.wait(10)
+        return "done"
+
+    def finish(result, error) -> None:
+        finished.release()
+
+    worker.submit(Job(run=run, finish=finish))
+    worker.submit(Job(run=run, finish=finish))
+    both_running.wait(10)  # raises BrokenBarrierError unless the two run at the same time
+    worker.submit(Job(run=lambda cancel: "third", finish=finish))
+    worker.submit(Job(run=lambda cancel: "fourth", finish=finish))
+    assert worker.depth == 4
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        worker.submit(Job(run=lambda cancel: "fifth", finish=finish))
+    release.set()
+    for _ in range(4):
+        assert finished.acquire(timeout=10)
+    worker.close()
+    assert worker.depth == 0
+    with pytest.raises(ValueError, match="runners must be at least 1, got 0"):
+        EngineWorker(runners=0)

@@ -244,6 +244,8 @@ BAD_REQUESTS = [
     ),
     (hi(max_tokens=100_000), 400, "max_tokens must be between 1 and 1024", "max_tokens", None),
     (hi(max_tokens=True), 400, "valid integer", "max_tokens", None),
+    (hi(max_tokens=8, min_tokens=9), 400, "min_tokens (9) must not exceed max_tokens (8)", "min_tokens", None),
+    (hi(min_tokens=-1), 400, "greater than or equal to 0", "min_tokens", None),
     (hi(temperature=3), 400, "less than or equal to 2", "temperature", None),
     (hi(top_k=99), 400, "less than or equal to 32", "top_k", None),
     (hi(stream="yes"), 400, "valid boolean", "stream", None),
@@ -480,6 +482,8 @@ def test_bench_serve_starts_its_own_server_and_writes_results(index_dir, tmp_pat
     prompts = [reference(q, policy="attnlink:16", max_tokens=4).tokens_prompt for q in DEFAULT_QUESTIONS[:2]]
     assert [r["prompt_tokens_mean"] for r in rows] == [sum(prompts) / 2] * 2
     assert all(0 < r["ttft_p50"] <= r["latency_p50"] for r in rows)  # the first token comes before the last
+    assert [r["answer_tokens_mean"] for r in rows] == [4.0, 4.0]  # min_tokens: every answer is --max-tokens long
+    assert all(r["tokens_per_s_p50"] > 0 for r in rows)
     table = (out / "results.md").read_text().splitlines()
     assert [line.split(" | ")[:4] for line in table if line.startswith("| attnlink:16 ")] == [
         ["| attnlink:16", "1", "2/2", "0"],

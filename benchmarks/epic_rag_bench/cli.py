@@ -17,6 +17,7 @@ HARNESSES = {
     "needle": ("needle", "needle in a haystack of essays: depth x context length per method"),
     "scaling": ("scaling", "TTFT and peak memory as the context grows; indexing cost"),
     "serve": ("serve", "concurrent clients through the HTTP server, per policy"),
+    "decode-batch": ("decode_batch", "one batched decode step's time per batch size (what --max-batch trades)"),
     "app-quality": ("app_quality", "end-to-end quality of ask and chat on question files, per policy"),
     "compile-cost": ("compile_cost", "index-time cost of each compile mode (alone, neighbour, similar:N)"),
     "dtypes": ("dtypes", "TTFT and first-token KL against float32 of each compute dtype, per method"),

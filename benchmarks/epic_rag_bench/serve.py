@@ -21,7 +21,7 @@ import httpx
 from epic_rag.server.process import ServeProcess
 from tqdm.auto import tqdm
 
-from epic_rag.batch_limits import DEFAULT_MAX_BATCH
+from epic_rag.batch_limits import DEFAULT_MAX_BATCH, DEFAULT_PIECE_S
 
 from .devices import add_device_arguments
 
@@ -70,6 +70,7 @@ class Row:
     server_ttft_p50: float
     prompt_tokens_mean: float
     tokens_per_s_p50: float  # each client's streaming rate after its first token
+    answer_tokens_mean: float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch", type=int, default=None, help="the server's --max-batch (default: the server's default)"
     )
+    parser.add_argument(
+        "--prefill-piece-ms",
+        type=float,
+        default=None,
+        help="the server's --prefill-piece-ms (default: the server's default)",
+    )
     add_device_arguments(parser)
     parser.add_argument("--out", help="folder for results.md, results.json and serve.png")
     parser.set_defaults(func=main)
@@ -102,7 +109,13 @@ def register(kinds: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     questions = _questions(args.questions)[: args.requests]  # each run sends these, so each has a reference
     clients = [int(c) for c in args.clients.split(",")]
-    options = (("threads", args.threads), ("max-batch", args.max_batch), ("device", args.device), ("dtype", args.dtype))
+    options = (
+        ("threads", args.threads),
+        ("max-batch", args.max_batch),
+        ("prefill-piece-ms", args.prefill_piece_ms),
+        ("device", args.device),
+        ("dtype", args.dtype),
+    )
     placed = [f"--{k}={v}" for k, v in options if v]
     with ServeProcess(args.index, "--queue-size", "64", *placed) as server:
         url = server.url
@@ -193,6 +206,7 @@ def _row(policy: str, clients: int, replies: list[Reply], alone: dict[str, Reply
         server_ttft_p50=statistics.median(r.server_ttft_s for r in ok) if ok else 0.0,
         prompt_tokens_mean=statistics.fmean(r.tokens_prompt for r in ok) if ok else 0.0,
         tokens_per_s_p50=statistics.median(r.tokens_per_s for r in ok) if ok else 0.0,
+        answer_tokens_mean=statistics.fmean(r.tokens_generated for r in ok) if ok else 0.0,
     )
 
 
@@ -204,7 +218,8 @@ def format_table(rows: list[Row], args: argparse.Namespace, server_policy: str |
     head = (
         f"index {args.index}, top-k {args.top_k}, {'up to ' if args.natural_length else ''}{args.max_tokens} answer "
         f"tokens, {args.requests} requests per run, "
-        f"max batch {args.max_batch or DEFAULT_MAX_BATCH}; "
+        f"max batch {args.max_batch or DEFAULT_MAX_BATCH}, prefill pieces of "
+        f"{args.prefill_piece_ms or DEFAULT_PIECE_S * 1000:.0f} ms; "
         f"'default' = {server_policy}; TTFT and latency at the client (queueing included)\n\n"
         "| policy | clients | ok | mixed up | answers/min | TTFT p50 s | TTFT p95 s | latency p50 s | latency p95 s "
         "| engine TTFT p50 s | prompt tokens | tokens/s p50 |\n"
