@@ -4,6 +4,8 @@ While batching (`EpicEngine.start_batching`), the engine's answers run on the sc
 thread: a new answer's prefill starts as soon as the batch has room, the answers already
 streaming step together, one token each per forward (`decode_step`), and an answer leaves
 the batch the moment it ends (a stop token, its length, its reader stopped or cancelled).
+Where a step of fewer answers makes more tokens per second (a CPU's GEMM at 4 rows costs
+twice 3: `batch_decode`), each step runs that many and the answers take turns.
 A prefill is cut into pieces at its layer boundaries (`forward.interleaved`): once `piece_s`
 has passed since the last step, the streaming answers get their next token before the
 prefill goes on, so a long prompt arriving stalls them for about one piece. Tokens are
@@ -19,12 +21,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import nn
 
-from .batch_decode import decode_step
+from .batch_decode import decode_step, rows_per_step
 from .batch_limits import DEFAULT_MAX_BATCH, DEFAULT_PIECE_S
 from .decode import TokenSampler
 from .forward import Cancelled, cancellable, interleaved
@@ -109,13 +111,21 @@ class Scheduler:
         stop_token_ids: set[int],
         max_batch: int = DEFAULT_MAX_BATCH,
         piece_s: float = DEFAULT_PIECE_S,
+        step_ms: Sequence[float] | None = None,
     ) -> None:
+        """`step_ms[k - 1]`: what a step of k answers costs (`measure_step_ms`), from which each
+        step runs as many of the answers in flight as make the most tokens per second, the rest
+        waiting their turn (`rows_per_step`); None: every step runs all of them."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if piece_s <= 0:
             raise ValueError(f"the prefill piece must be a positive time, got {piece_s} s")
         self.model, self.lock, self.stop_token_ids = model, lock, stop_token_ids
         self.max_batch, self.piece_s = max_batch, piece_s
+        if step_ms is not None and len(step_ms) != max_batch:
+            raise ValueError(f"step_ms needs the cost of each batch size 1..{max_batch}, got {len(step_ms)}")
+        self.step_ms = list(step_ms) if step_ms is not None else None
+        self.step_rows = rows_per_step(step_ms) if step_ms is not None else list(range(max_batch + 1))
         self.steps = 0  # batched decode steps run
         self.tokens_stepped = 0  # tokens they produced (over steps: the mean batch)
         self._pending: deque[ScheduledAnswer] = deque()
@@ -233,28 +243,31 @@ class Scheduler:
             answer.send("end")
 
     def _step(self) -> None:
-        """One token more for every answer still wanted, in one forward."""
-        batch = []
+        """One token more for the answers whose turn it is (all, unless fewer rows step faster),
+        in one forward; they go to the back of the line."""
+        wanted = []
         for answer in self._active:
             if answer.wanted:
-                batch.append(answer)
+                wanted.append(answer)
             else:
                 answer.drop()
-        self._active = batch
-        if not batch:
+        self._active = wanted
+        if not wanted:
             return
+        rows = self.step_rows[len(wanted)]
+        batch, waiting = wanted[:rows], wanted[rows:]
         try:
             logits = decode_step(self.model, [a.result.cache for a in batch], [a.next_token for a in batch])
         except Exception as err:  # every answer in the failed step gets the error, the scheduler goes on
             for answer in batch:
                 answer.send("error", err)
-            self._active = []
+            self._active = waiting
             return
         finally:
             self._last_step = time.perf_counter()
         self.steps += 1
         self.tokens_stepped += len(batch)
         tokens = [a.choose(row) for a, row in zip(batch, logits, strict=True)]
-        self._active = [a for a, token in zip(batch, tokens, strict=True) if self._advance(a, token)]
+        self._active = waiting + [a for a, token in zip(batch, tokens, strict=True) if self._advance(a, token)]
         for answer, token in zip(batch, tokens, strict=True):
             self._deliver(answer, token)

@@ -11,10 +11,11 @@ import time
 import pytest
 import torch
 
-from epic_rag.batch_decode import decode_step
+from epic_rag.batch_decode import decode_step, rows_per_step
 from epic_rag.cache import PositionalKVCache
 from epic_rag.forward import Cancelled
 from epic_rag.sampling import SamplingParams
+from epic_rag.scheduler import Scheduler
 
 from .conftest import CharTokenizer, tiny_engine, tiny_model
 
@@ -141,6 +142,48 @@ def test_answers_decoded_together_are_the_answers_alone(max_batch):
 def _args(ids, i: int) -> tuple:
     question, chunks, policy, n, _ = REQUESTS[i]
     return question, [ids[c] for c in chunks], None, policy
+
+
+def test_step_sizes_follow_the_measured_costs():
+    # this machine's step costs for 1..8 answers (bench decode-batch, 5 and 7 interpolated)
+    assert rows_per_step([89, 100, 112, 206, 219, 232, 252, 273]) == [0, 1, 2, 3, 3, 3, 3, 7, 8]
+    assert rows_per_step([10.0] * 4) == [0, 1, 2, 3, 4]  # a GPU: every answer in every step
+    engine = tiny_engine("qwen2")
+    scheduler = engine.start_batching(max_batch=3)
+    try:
+        assert len(scheduler.step_ms) == 3 and all(ms > 0 for ms in scheduler.step_ms)
+        assert scheduler.step_rows == rows_per_step(scheduler.step_ms)
+    finally:
+        engine.stop_batching()
+
+
+def test_answers_taking_turns_are_the_answers_alone():
+    """Costs where 2 answers step faster than 3 or 4: each step runs 2 of the 4 in flight, in
+    turn, and every answer is still the one it is alone."""
+    engine = tiny_engine("qwen2")
+    ids = engine.add_chunks(CHUNKS)
+    requests = [(f"turn {i}?", [ids[i % 3]], 20 + 3 * i) for i in range(4)]
+    alone = [engine.generate(q, c, policy="attnlink:3", max_new_tokens=n).token_ids for q, c, n in requests]
+    engine.scheduler = Scheduler(engine.model, engine.lock, engine.stop_token_ids, 4, 0.001, [1.0, 1.0, 10.0, 10.0])
+    try:
+        together: list = [None] * 4
+
+        def one(i: int) -> None:
+            question, chunks, n = requests[i]
+            together[i] = engine.generate(question, chunks, policy="attnlink:3", max_new_tokens=n).token_ids
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert together == alone
+        scheduler = engine.scheduler
+        assert scheduler.step_rows == [0, 1, 2, 2, 2]
+        assert scheduler.tokens_stepped <= 2 * scheduler.steps  # no step ran more than 2
+        assert scheduler.tokens_stepped > scheduler.steps  # and steps ran 2 at a time
+    finally:
+        engine.stop_batching()
 
 
 def test_a_cancelled_answer_leaves_the_others_unchanged():
