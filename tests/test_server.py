@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,7 @@ import pytest
 from epic_rag.app.answering import AnswerReport, ChatRequest, answer
 from epic_rag.app.index import open_index
 from epic_rag.server.process import ServeProcess
-from epic_rag_bench.serve import DEFAULT_QUESTIONS
+from epic_rag_bench.serve import DEFAULT_QUESTIONS, Reply
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
 from .live_servers import ENV, epic_server, free_port, metrics
@@ -483,7 +484,9 @@ def test_bench_serve_starts_its_own_server_and_writes_results(index_dir, tmp_pat
     assert [r["prompt_tokens_mean"] for r in rows] == [sum(prompts) / 2] * 2
     assert all(0 < r["ttft_p50"] <= r["latency_p50"] for r in rows)  # the first token comes before the last
     assert [r["answer_tokens_mean"] for r in rows] == [4.0, 4.0]  # min_tokens: every answer is --max-tokens long
-    assert all(r["tokens_per_s_p50"] > 0 for r in rows)
+    rate = Reply("q", "text", 200, ttft_s=0.5, latency_s=2.0, server_ttft_s=0.4, tokens_prompt=9, tokens_generated=4)
+    assert rate.tokens_per_s == 2.0  # the 3 tokens after the first, over the 1.5 s after it
+    assert replace(rate, tokens_generated=1).tokens_per_s == 0.0
     table = (out / "results.md").read_text().splitlines()
     assert [line.split(" | ")[:4] for line in table if line.startswith("| attnlink:16 ")] == [
         ["| attnlink:16", "1", "2/2", "0"],
