@@ -95,13 +95,7 @@ def measure_step_ms(
 ) -> list[float]:
     """Milliseconds of one decode step of 1..max_batch answers over zero-filled caches of
     `context` tokens (the fastest of `repeats`): [max_batch]."""
-    caches = []
-    for _ in range(max_batch):
-        cache = new_cache(context + 1)
-        cache.keys.zero_()
-        cache.values.zero_()
-        cache.length = context
-        caches.append(cache)
+    caches = [new_cache(context + 1).zeroed(context) for _ in range(max_batch)]
     step_ms = []
     for rows in range(1, max_batch + 1):
         times = []

@@ -46,6 +46,14 @@ class PositionalKVCache:
         self.values[:, 0, :, offset : offset + n].copy_(chunk.values)
         self.linked[:, offset : offset + n] = True
 
+    def zeroed(self, length: int = 0) -> PositionalKVCache:
+        """Zero every slot and count the first `length` as written: a stand-in context for
+        timing a forward (the time model, the scheduler's step sizes)."""
+        self.keys.zero_()
+        self.values.zero_()
+        self.length = length
+        return self
+
     def positions_after(self, n: int, at: int | None = None) -> torch.Tensor:
         """Positions for `n` more tokens from `at` (default: after everything written): [n] int64.
         Starting before the end drops what was written after `at` (a branch)."""

@@ -118,9 +118,7 @@ def forward_timer(model: nn.Module, new_cache: Callable[[int], PositionalKVCache
 
     @torch.inference_mode()
     def measure(n: int, length: int) -> float:
-        cache = new_cache(length)
-        cache.keys.zero_()
-        cache.values.zero_()
+        cache = new_cache(length).zeroed()
         ids = torch.zeros(n, dtype=torch.int64)
         start, paused = time.perf_counter(), paused_seconds()
         run_layers(model, cache, ids, torch.arange(length - n, length), length)
